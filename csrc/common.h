@@ -1,0 +1,52 @@
+// Argument checks and tensor plumbing shared by every backend wrapper (CPU and CUDA), so each rule
+// lives in one place. The Python layer raises friendlier errors first; these keep direct op calls safe.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace ffa {
+
+inline void check_feature_pair(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.dim() == 4, "student must be 4-D [B,C,H,W], got ", student.dim(), "-D");
+  TORCH_CHECK(teacher.dim() == 4, "teacher must be 4-D [B,C,H,W], got ", teacher.dim(), "-D");
+  TORCH_CHECK(student.size(0) == teacher.size(0), "student and teacher batch sizes differ: ",
+              student.size(0), " vs ", teacher.size(0));
+  TORCH_CHECK(student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),
+              "student and teacher must share H,W at the op level, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
+              "student must be a floating tensor, got ", student.scalar_type());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(student.device() == teacher.device(), "student and teacher must be on the same device");
+  TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0, "channels must be positive");
+}
+
+inline void check_p(int64_t p) { TORCH_CHECK(p == 1 || p == 2, "p must be 1 or 2, got ", p); }
+
+inline void check_eps(double eps) { TORCH_CHECK(eps > 0, "eps must be positive, got ", eps); }
+
+inline void check_projection(const at::Tensor& z, const at::Tensor& student) {
+  const int64_t B = student.size(0), N = student.size(2) * student.size(3);
+  TORCH_CHECK(z.dim() == 3, "projection must be 3-D [Bz,N,k], got ", z.dim(), "-D");
+  TORCH_CHECK(z.size(0) == 1 || z.size(0) == B, "projection batch must be 1 or ", B, ", got ",
+              z.size(0));
+  TORCH_CHECK(z.size(1) == N, "projection must have N=", N, " rows, got ", z.size(1));
+  TORCH_CHECK(z.size(2) >= 1, "projection must have k >= 1 columns");
+  TORCH_CHECK(z.scalar_type() == student.scalar_type() ||
+                  (z.scalar_type() == at::kFloat && student.element_size() < 4),
+              "projection dtype ", z.scalar_type(), " does not match the features' ",
+              student.scalar_type());
+  TORCH_CHECK(z.device() == student.device(), "projection must be on the features' device");
+}
+
+// [B,C,H,W] -> [B,C,N] with N = H*W, a view whenever H and W can be merged (NCHW, channels_last,
+// channel slices), a copy otherwise. Kernels then read x(b, c, i) = x[b*sb + c*sc + i*sp].
+inline at::Tensor as_pixels(const at::Tensor& x) { return x.flatten(2); }
+
+// float32 accumulation for half types, float64 stays float64.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace ffa

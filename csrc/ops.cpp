@@ -1,0 +1,30 @@
+// The whole native surface of ffa: every op of the `ffa` namespace is declared here, once.
+// Backends only implement (cpu/*.cpp via TORCH_LIBRARY_IMPL(ffa, CPU, m), cuda/*.cpp for CUDA).
+// Fake (meta) kernels and autograd are registered in Python (ffa/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(ffa, m) {
+  // ---- feature-affinity losses (per-sample values, shape [B]) -----------------------------
+  // Exact FA: mean_ij |D_ij| (p=1) or mean_ij D_ij^2 (p=2), D = U_S^T U_S - U_T^T U_T.
+  // student [B,Cs,H,W] and teacher [B,Ct,H,W] share H, W (resizing is done in Python).
+  m.def("fa_loss(Tensor student, Tensor teacher, int p, float eps) -> Tensor");
+  m.def(
+      "fa_loss_backward(Tensor grad, Tensor student, Tensor teacher, int p, float eps, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  // FFA: sum_i mean_k f((D Z)_ik) / N^2, f = |.| (p=1) or square (p=2); projection Z [Bz,N,k],
+  // Bz in {1, B}. Also returns Y = D Z [B,N,k] and P_S = U_S Z [B,Cs,k], P_T = U_T Z [B,Ct,k]
+  // for the backward.
+  m.def(
+      "ffa_loss(Tensor student, Tensor teacher, Tensor projection, int p, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ffa_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor projection, "
+      "Tensor y, Tensor p_s, Tensor p_t, int p, float eps, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
+  // ---- low-bit fake quantization (ffa.quant) ---------------------------------------------
+}
+
+// A tiny Python module: importing ffa._C runs the static registrations above. No pybind11.
+static PyModuleDef ffa_module = {PyModuleDef_HEAD_INIT, "_C", "ffa native ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ffa_module); }

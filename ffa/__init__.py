@@ -1,0 +1,17 @@
+"""ffa: fused kernels for feature-affinity knowledge distillation and low-bit QAT."""
+
+from . import reference
+from ._ops import ops
+from .functional import fast_feature_affinity_loss, feature_affinity_loss
+from .modules import FastFeatureAffinityLoss, FeatureAffinityLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "feature_affinity_loss",
+    "fast_feature_affinity_loss",
+    "FeatureAffinityLoss",
+    "FastFeatureAffinityLoss",
+    "ops",
+    "reference",
+]

@@ -1,0 +1,93 @@
+"""Loads the native ops and registers their fake (meta) kernels and autograd with torch.library.
+
+The flow is one-way: ffa.functional -> torch.ops.ffa.* (dispatcher) -> CPU/CUDA kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it runs TORCH_LIBRARY(ffa, ...))
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "ffa's native extension ffa._C failed to load. Build it against the installed torch with "
+        "`pip install --no-build-isolation .` (see README)."
+    ) from e
+
+ops = torch.ops.ffa
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32/float16/bfloat16 accumulate and return in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _maybe_empty(like: torch.Tensor, wanted: bool) -> torch.Tensor:
+    return torch.empty_like(like, memory_format=torch.contiguous_format) if wanted else like.new_empty(0)
+
+
+# ---- fake kernels: shapes and dtypes only --------------------------------------------------------
+@torch.library.register_fake("ffa::fa_loss")
+def _(student, teacher, p, eps):
+    return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
+
+
+@torch.library.register_fake("ffa::fa_loss_backward")
+def _(grad, student, teacher, p, eps, output_mask):
+    return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
+
+
+@torch.library.register_fake("ffa::ffa_loss")
+def _(student, teacher, projection, p, eps):
+    b, cs, h, w = student.shape
+    ct, k = teacher.shape[1], projection.shape[2]
+    dt = compute_dtype(student.dtype)
+    return (
+        student.new_empty(b, dtype=dt),
+        student.new_empty(b, h * w, k, dtype=dt),
+        student.new_empty(b, cs, k, dtype=dt),
+        student.new_empty(b, ct, k, dtype=dt),
+    )
+
+
+@torch.library.register_fake("ffa::ffa_loss_backward")
+def _(grad, student, teacher, projection, y, p_s, p_t, p, eps, output_mask):
+    return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
+
+
+# ---- autograd: backward is itself an op, so it also runs under torch.compile ----------------------
+def _fa_setup(ctx, inputs, output):
+    student, teacher, p, eps = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.p, ctx.eps = p, eps
+
+
+def _fa_backward(ctx, grad):
+    student, teacher = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    gs, gt = ops.fa_loss_backward(grad, student, teacher, ctx.p, ctx.eps, mask)
+    return (gs if mask[0] else None), (gt if mask[1] else None), None, None
+
+
+torch.library.register_autograd("ffa::fa_loss", _fa_backward, setup_context=_fa_setup)
+
+
+def _ffa_setup(ctx, inputs, output):
+    student, teacher, projection, p, eps = inputs
+    _, y, p_s, p_t = output
+    ctx.mark_non_differentiable(y, p_s, p_t)
+    ctx.save_for_backward(student, teacher, projection, y, p_s, p_t)
+    ctx.p, ctx.eps = p, eps
+
+
+def _ffa_backward(ctx, grad, _gy, _gps, _gpt):
+    student, teacher, projection, y, p_s, p_t = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    gs, gt = ops.ffa_loss_backward(
+        grad, student, teacher, projection, y, p_s, p_t, ctx.p, ctx.eps, mask
+    )
+    return (gs if mask[0] else None), (gt if mask[1] else None), None, None, None
+
+
+torch.library.register_autograd("ffa::ffa_loss", _ffa_backward, setup_context=_ffa_setup)
