@@ -650,6 +650,30 @@ def test_backward_is_deterministic(device):
         assert torch.equal(s.grad, grads[0][0]) and torch.equal(z.grad, grads[0][1])
 
 
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_cuda_ops_never_sync():
+    # No host round trip anywhere: qparams and the step stay on the device (or are CPU scalars).
+    dev = "cuda"
+    w = randn(64, 32, 3, 3, device=dev).requires_grad_()
+    x = randn(4, 32, 16, 16, seed=1, device=dev).requires_grad_()
+    s = torch.tensor([0.02], device=dev, requires_grad=True)
+    z = torch.tensor([1.0], device=dev, requires_grad=True)
+    sc = torch.full((32,), 0.03, device=dev, requires_grad=True)
+    zc = torch.zeros(32, device=dev, requires_grad=True)
+    relu = QuantReLU(4).to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        h = relu(x) + quantize_weight(w, 4, per_channel=True).sum()
+        y = fake_quantize(h, s, z, -128, 127, learnable=True)
+        y = y + fake_quantize(h, sc, zc, -128, 127, axis=1, learnable=True)
+        y = y + fake_quantize(h, 0.05, 3, -128, 127)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert s.grad is not None and relu.alpha.grad is not None and w.grad is not None
+
+
 _ISA_SCRIPT = r"""
 import torch, ffa.quant as q
 torch.manual_seed(0)

@@ -478,10 +478,16 @@ struct FqSetup {
   int mode;                           // kIntZp or kFloatZp
 };
 
+// The values of a 0-d / one-element / 1-D qparam tensor on the CPU, read in place (no copies).
 std::vector<double> host_values(const at::Tensor& t) {
-  const at::Tensor d = t.detach().to(at::kDouble).contiguous();
-  const double* p = d.const_data_ptr<double>();
-  return std::vector<double>(p, p + d.numel());
+  TORCH_CHECK(t.is_cpu(), "scale and zero_point must be CPU tensors for a CPU x, got ", t.device());
+  std::vector<double> out(t.numel());
+  const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "qparams", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * stride]);
+  });
+  return out;
 }
 
 // Validates the qparams and turns them into per-channel floats with torch's conventions.
