@@ -337,6 +337,10 @@ def test_fake_quantize_learnable_per_tensor_equals_torch(device, zp):
     yb.backward(g)
     assert torch.equal(xa.grad, xb.grad)
     assert sa.grad.shape == sa.shape and za.grad.shape == za.shape
+    # Only x needs a gradient: still torch's LSQ formula for it (its backward zero point).
+    xc = x.clone().requires_grad_()
+    fake_quantize(xc, sa.detach(), za.detach(), qmin, qmax, learnable=True).backward(g)
+    assert torch.equal(xc.grad, xb.grad)
     if zp == math.floor(zp) and device == "cpu":
         # Integral zero point: torch's per-channel op gives the per-element terms; sum them in
         # float64 and hold ffa to at most 2x torch's float32-sum error.

@@ -684,8 +684,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     if (x.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_backward_cpu", [&] {
+            // learnable: dx follows torch's LSQ backward (its own zero point and rounding) even
+            // when only dx is wanted.
             fq_backward_impl<scalar_t>(grad, x, mask[0] ? &dx_ : nullptr, s, qmin, qmax,
-                                       qgrads, grad_factor, &vs, &vz);
+                                       learnable, grad_factor, &vs, &vz);
           });
     } else {
       vs.assign(s.C, 0.0);
