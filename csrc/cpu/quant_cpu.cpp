@@ -4,7 +4,8 @@
 // Math (see ffa/quant/functional.py for the full statement):
 //   quantize_weight: bits 1: mean|w| sign(w); bits 2: delta = 0.7 mean|w| (<= 100),
 //     scale = mean(|w| [|w| >= delta]); bits b >= 3: delta = max|w| / (2^b - 1) (<= 10), level q in
-//     0..2^(b-1)-1 by odd multiples of delta, scale = sum|w|q / sum q^2. Per tensor or per dim-0 channel.
+//     0..2^(b-1)-1 by odd multiples of delta, scale = sum|w|q / sum q^2. Per tensor or per dim-0
+//     channel.
 //   quant_relu: 0 / ceil(x/a) a / L a; backward STE mask and the step gradient sum dy g0.
 //   fake_quantize: (clamp(zp + rint(x / s)) - zp) s, with torch's exact rounding; LSQ backward.
 // Passes: reductions (scale, delta) read the tensor once per pass (two for the weight quantizers),
@@ -112,22 +113,22 @@ Isa isa() {
 
 // Runs `...` with `k` naming the loop namespace of the running CPU's ISA.
 #ifdef FFA_QUANT_X86
-#define FFA_QUANT_ISA_CALL(...)            \
-  switch (isa()) {                         \
-    case Isa::kAvx512: {                   \
+#define FFA_QUANT_ISA_CALL(...)                \
+  switch (isa()) {                             \
+    case Isa::kAvx512: {                       \
       namespace k = ::ffa::cpu::quant::avx512; \
-      __VA_ARGS__;                         \
-      break;                               \
-    }                                      \
-    case Isa::kAvx2: {                     \
-      namespace k = ::ffa::cpu::quant::avx2; \
-      __VA_ARGS__;                         \
-      break;                               \
-    }                                      \
-    default: {                             \
-      namespace k = ::ffa::cpu::quant::base; \
-      __VA_ARGS__;                         \
-    }                                      \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case Isa::kAvx2: {                         \
+      namespace k = ::ffa::cpu::quant::avx2;   \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    default: {                                 \
+      namespace k = ::ffa::cpu::quant::base;   \
+      __VA_ARGS__;                             \
+    }                                          \
   }
 #else
 #define FFA_QUANT_ISA_CALL(...)            \
@@ -259,15 +260,14 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   std::vector<C> maxs(T.count * nc, C(0));
   at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for_each_piece(L, t * T.block, std::min(L.numel, (t + 1) * T.block),
-                     [&](int64_t off, int64_t len, int64_t c) {
-                       on_compute_spans<scalar_t>(
-                           wp + off, nullptr, nullptr, len,
-                           [&](const C* x, const C*, C*, int64_t, int64_t n) {
-                             FFA_QUANT_ISA_CALL(k::wq_stats<C>(x, n, sums[t * nc + c],
-                                                               maxs[t * nc + c]));
-                           });
-                     });
+      for_each_piece(
+          L, t * T.block, std::min(L.numel, (t + 1) * T.block),
+          [&](int64_t off, int64_t len, int64_t c) {
+            on_compute_spans<scalar_t>(
+                wp + off, nullptr, nullptr, len, [&](const C* x, const C*, C*, int64_t, int64_t n) {
+                  FFA_QUANT_ISA_CALL(k::wq_stats<C>(x, n, sums[t * nc + c], maxs[t * nc + c]));
+                });
+          });
   });
   const std::vector<double> sum = reduce_tasks(sums, T.count, nc);
   std::vector<C> delta(nc, C(0)), scale(nc, C(0));
@@ -291,40 +291,42 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
     std::vector<double> s1(T.count * nc, 0.0), s2(T.count * nc, 0.0);
     at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        for_each_piece(L, t * T.block, std::min(L.numel, (t + 1) * T.block),
-                       [&](int64_t off, int64_t len, int64_t c) {
-                         on_compute_spans<scalar_t>(
-                             wp + off, nullptr, nullptr, len,
-                             [&](const C* x, const C*, C*, int64_t, int64_t n) {
-                               if (bits == 2) {
-                                 FFA_QUANT_ISA_CALL(s1[t * nc + c] +=
-                                                    k::wq_ternary_sum<C>(x, n, delta[c]));
-                               } else {
-                                 FFA_QUANT_ISA_CALL(k::wq_level_sums<C>(
-                                     x, n, delta[c], Q, s1[t * nc + c], s2[t * nc + c]));
-                               }
-                             });
-                       });
+        for_each_piece(
+            L, t * T.block, std::min(L.numel, (t + 1) * T.block),
+            [&](int64_t off, int64_t len, int64_t c) {
+              on_compute_spans<scalar_t>(
+                  wp + off, nullptr, nullptr, len,
+                  [&](const C* x, const C*, C*, int64_t, int64_t n) {
+                    if (bits == 2) {
+                      FFA_QUANT_ISA_CALL(s1[t * nc + c] += k::wq_ternary_sum<C>(x, n, delta[c]));
+                    } else {
+                      FFA_QUANT_ISA_CALL(
+                          k::wq_level_sums<C>(x, n, delta[c], Q, s1[t * nc + c], s2[t * nc + c]));
+                    }
+                  });
+            });
     });
     const std::vector<double> a = reduce_tasks(s1, T.count, nc), b = reduce_tasks(s2, T.count, nc);
     for (int64_t c = 0; c < nc; ++c) {
-      if (bits == 2) scale[c] = C(a[c]) / count;
-      else scale[c] = b[c] > 0 ? C(a[c]) / C(b[c]) : C(0);  // an all-zero channel gives zeros
+      if (bits == 2)
+        scale[c] = C(a[c]) / count;
+      else
+        scale[c] = b[c] > 0 ? C(a[c]) / C(b[c]) : C(0);  // an all-zero channel gives zeros
     }
   }
 
   // Pass 3: the elementwise quantization.
   at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for_each_piece(L, t * T.block, std::min(L.numel, (t + 1) * T.block),
-                     [&](int64_t off, int64_t len, int64_t c) {
-                       on_compute_spans<scalar_t>(
-                           wp + off, nullptr, yp + off, len,
-                           [&](const C* x, const C*, C* out, int64_t, int64_t n) {
-                             FFA_QUANT_ISA_CALL(k::wq_apply<C>(x, out, n, int(bits), delta[c], Q,
-                                                               scale[c]));
-                           });
-                     });
+      for_each_piece(
+          L, t * T.block, std::min(L.numel, (t + 1) * T.block),
+          [&](int64_t off, int64_t len, int64_t c) {
+            on_compute_spans<scalar_t>(
+                wp + off, nullptr, yp + off, len,
+                [&](const C* x, const C*, C* out, int64_t, int64_t n) {
+                  FFA_QUANT_ISA_CALL(k::wq_apply<C>(x, out, n, int(bits), delta[c], Q, scale[c]));
+                });
+          });
   });
 }
 
@@ -393,8 +395,7 @@ at::Tensor quant_relu_cpu(const at::Tensor& x_in, const at::Tensor& alpha, int64
         const int64_t off = t * T.block, len = std::min(n, off + T.block) - off;
         on_compute_spans<scalar_t>(xp + off, nullptr, yp + off, len,
                                    [&](const C* xs, const C*, C* ys, int64_t, int64_t m) {
-                                     FFA_QUANT_ISA_CALL(
-                                         k::qrelu_forward<C>(xs, ys, m, C(a), C(L)));
+                                     FFA_QUANT_ISA_CALL(k::qrelu_forward<C>(xs, ys, m, C(a), C(L)));
                                    });
       }
     });
@@ -412,14 +413,15 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
   QreluBackParams p{};
   TORCH_CHECK_VALUE(ste == "inplt" || ste == "idnty" || ste == "relu",
                     "ste must be 'inplt', 'idnty' or 'relu', got '", std::string(ste), "'");
-  TORCH_CHECK_VALUE(alpha_grad == "mean" || alpha_grad == "ae" || alpha_grad == "pact" ||
-                        alpha_grad == "min",
-                    "alpha_grad must be 'mean', 'ae', 'pact' or 'min', got '",
-                    std::string(alpha_grad), "'");
+  TORCH_CHECK_VALUE(
+      alpha_grad == "mean" || alpha_grad == "ae" || alpha_grad == "pact" || alpha_grad == "min",
+      "alpha_grad must be 'mean', 'ae', 'pact' or 'min', got '", std::string(alpha_grad), "'");
   p.idnty = ste == "idnty";
   p.inplt = ste == "inplt";
   const bool ae = alpha_grad == "ae";
-  p.g_in = alpha_grad == "mean" ? double(int64_t(1) << (bits - 1)) : alpha_grad == "min" ? 1.0 : 0.0;
+  p.g_in = alpha_grad == "mean"  ? double(int64_t(1) << (bits - 1))
+           : alpha_grad == "min" ? 1.0
+                                 : 0.0;
 
   at::Tensor dx;
   const at::Tensor x = dense_input(x_in, dx);
@@ -444,20 +446,21 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
                     gp + off, xp + off, dxp != nullptr ? dxp + off : nullptr, len,
                     [&](const C* g, const C* xs, C* d, int64_t, int64_t m) {
                       FFA_QUANT_ISA_CALL(
-                          part[t] += (k::qrelu_backward<decltype(kdx)::value,
-                                                        decltype(kga)::value,
-                                                        decltype(kae)::value, C>(
-                              g, xs, d, m, C(a), C(L),
-                              p)));
+                          part[t] +=
+                          (k::qrelu_backward<decltype(kdx)::value, decltype(kga)::value,
+                                             decltype(kae)::value, C>(g, xs, d, m, C(a), C(L), p)));
                     });
               }
             });
           };
           using TT = std::true_type;
           using FF = std::false_type;
-          if (mask[0] && mask[1]) ae ? run(TT{}, TT{}, TT{}) : run(TT{}, TT{}, FF{});
-          else if (mask[0]) run(TT{}, FF{}, FF{});
-          else ae ? run(FF{}, TT{}, TT{}) : run(FF{}, TT{}, FF{});
+          if (mask[0] && mask[1])
+            ae ? run(TT{}, TT{}, TT{}) : run(TT{}, TT{}, FF{});
+          else if (mask[0])
+            run(TT{}, FF{}, FF{});
+          else
+            ae ? run(FF{}, TT{}, TT{}) : run(FF{}, TT{}, FF{});
         });
     if (mask[1]) {
       double s = 0;
@@ -508,8 +511,8 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
   FqSetup s;
   if (axis.has_value()) {
     int64_t ax = *axis;
-    TORCH_CHECK_VALUE(x.dim() >= 1 && ax >= -x.dim() && ax < x.dim(), "axis must be in [",
-                      -x.dim(), ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", ax);
+    TORCH_CHECK_VALUE(x.dim() >= 1 && ax >= -x.dim() && ax < x.dim(), "axis must be in [", -x.dim(),
+                      ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", ax);
     if (ax < 0) ax += x.dim();
     s.axis = ax;
     s.C = x.size(ax);
@@ -521,10 +524,14 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
                       zero_point.sizes());
   } else {
     s.C = 1;
-    TORCH_CHECK_VALUE(scale.numel() == 1, "scale must have one element for per-tensor "
-                      "quantization, got shape ", scale.sizes());
-    TORCH_CHECK_VALUE(zero_point.numel() == 1, "zero_point must have one element for "
-                      "per-tensor quantization, got shape ", zero_point.sizes());
+    TORCH_CHECK_VALUE(scale.numel() == 1,
+                      "scale must have one element for per-tensor "
+                      "quantization, got shape ",
+                      scale.sizes());
+    TORCH_CHECK_VALUE(zero_point.numel() == 1,
+                      "zero_point must have one element for "
+                      "per-tensor quantization, got shape ",
+                      zero_point.sizes());
   }
   const std::vector<double> sv = host_values(scale), zv = host_values(zero_point);
   const bool float_zp = at::isFloatingType(zero_point.scalar_type());
@@ -542,8 +549,10 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
     const float z = float(zv[c]);
     if (learnable) {
       float r;
-      if (backward_lsq && !axis) r = std::trunc(std::min(std::max(z + 0.5f, lo), hi));
-      else r = std::min(std::max(std::nearbyint(z), lo), hi);
+      if (backward_lsq && !axis)
+        r = std::trunc(std::min(std::max(z + 0.5f, lo), hi));
+      else
+        r = std::min(std::max(std::nearbyint(z), lo), hi);
       s.zp[c] = r;
     } else if (float_zp && axis) {
       s.mode = kFloatZp;  // torch keeps float per-channel zero points unrounded
@@ -571,30 +580,31 @@ void fq_forward_impl(const at::Tensor& x, at::Tensor& y, const FqSetup& s, int64
   const bool channel = s.axis.has_value();
   at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for_each_piece(L, t * T.block, std::min(L.numel, (t + 1) * T.block),
-                     [&](int64_t off, int64_t len, int64_t c) {
-                       on_compute_spans<scalar_t>(
-                           xp + off, nullptr, yp + off, len,
-                           [&](const C* xs, const C*, C* ys, int64_t sub, int64_t n) {
-                             const int64_t c0 = L.row ? c + sub : c;
-                             const FqParams p{s.inv.data() + c0, s.scale.data() + c0,
-                                                    s.zp.data() + c0, float(qmin), float(qmax)};
-                             auto go = [&](auto mode, auto ch, auto row) {
-                               FFA_QUANT_ISA_CALL(
-                                   k::fq_forward<decltype(mode)::value, decltype(ch)::value,
-                                                 decltype(row)::value, C>(
-                                       xs, ys, n, p));
-                             };
-                             using I = std::integral_constant<int, kIntZp>;
-                             using Fz = std::integral_constant<int, kFloatZp>;
-                             using TT = std::true_type;
-                             using FF = std::false_type;
-                             if (!channel) go(I{}, FF{}, FF{});
-                             else if (s.mode == kFloatZp)
-                               L.row ? go(Fz{}, TT{}, TT{}) : go(Fz{}, TT{}, FF{});
-                             else L.row ? go(I{}, TT{}, TT{}) : go(I{}, TT{}, FF{});
-                           });
-                     });
+      for_each_piece(
+          L, t * T.block, std::min(L.numel, (t + 1) * T.block),
+          [&](int64_t off, int64_t len, int64_t c) {
+            on_compute_spans<scalar_t>(
+                xp + off, nullptr, yp + off, len,
+                [&](const C* xs, const C*, C* ys, int64_t sub, int64_t n) {
+                  const int64_t c0 = L.row ? c + sub : c;
+                  const FqParams p{s.inv.data() + c0, s.scale.data() + c0, s.zp.data() + c0,
+                                   float(qmin), float(qmax)};
+                  auto go = [&](auto mode, auto ch, auto row) {
+                    FFA_QUANT_ISA_CALL(k::fq_forward<decltype(mode)::value, decltype(ch)::value,
+                                                     decltype(row)::value, C>(xs, ys, n, p));
+                  };
+                  using I = std::integral_constant<int, kIntZp>;
+                  using Fz = std::integral_constant<int, kFloatZp>;
+                  using TT = std::true_type;
+                  using FF = std::false_type;
+                  if (!channel)
+                    go(I{}, FF{}, FF{});
+                  else if (s.mode == kFloatZp)
+                    L.row ? go(Fz{}, TT{}, TT{}) : go(Fz{}, TT{}, FF{});
+                  else
+                    L.row ? go(I{}, TT{}, TT{}) : go(I{}, TT{}, FF{});
+                });
+          });
   });
 }
 
@@ -611,9 +621,9 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
 }
 
 template <typename scalar_t>
-void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* dx,
-                      const FqSetup& s, int64_t qmin, int64_t qmax, bool learnable,
-                      double grad_factor, std::vector<double>* gscale, std::vector<double>* gzp) {
+void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* dx, const FqSetup& s,
+                      int64_t qmin, int64_t qmax, bool learnable, double grad_factor,
+                      std::vector<double>* gscale, std::vector<double>* gzp) {
   using C = compute_t<scalar_t>;
   const Layout L = layout_of(x, s.axis);
   const Tasks T = tasks_of(L.numel);
@@ -624,41 +634,44 @@ void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* d
   std::vector<double> acc_s(learnable ? T.count * nc : 0, 0.0), acc_z(acc_s.size(), 0.0);
   at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for_each_piece(L, t * T.block, std::min(L.numel, (t + 1) * T.block), [&](int64_t off,
-                                                                                 int64_t len,
-                                                                                 int64_t c) {
-        on_compute_spans<scalar_t>(
-            gp + off, xp + off, dxp != nullptr ? dxp + off : nullptr, len,
-            [&](const C* g, const C* xs, C* d, int64_t sub, int64_t n) {
-              const int64_t c0 = L.row ? c + sub : c;
-              const FqParams p{s.inv.data() + c0, s.scale.data() + c0, s.zp.data() + c0,
-                                     float(qmin), float(qmax)};
-              using TT = std::true_type;
-              using FF = std::false_type;
-              if (!learnable) {
-                auto go = [&](auto mode, auto row) {
-                  FFA_QUANT_ISA_CALL(k::fq_backward_mask<decltype(mode)::value,
-                                                         decltype(row)::value, C>(
-                      g, xs, d, n, p));
-                };
-                using I = std::integral_constant<int, kIntZp>;
-                using Fz = std::integral_constant<int, kFloatZp>;
-                if (s.mode == kFloatZp) L.row ? go(Fz{}, TT{}) : go(Fz{}, FF{});
-                else L.row ? go(I{}, TT{}) : go(I{}, FF{});
-                return;
-              }
-              double* as = acc_s.data() + t * nc + c0;
-              double* az = acc_z.data() + t * nc + c0;
-              auto go = [&](auto kdx, auto row) {
-                FFA_QUANT_ISA_CALL(
-                    k::fq_backward_lsq<decltype(kdx)::value, decltype(row)::value, C>(
-                        g, xs, d, n, p, float(grad_factor),
-                        as, az));
-              };
-              if (d != nullptr) L.row ? go(TT{}, TT{}) : go(TT{}, FF{});
-              else L.row ? go(FF{}, TT{}) : go(FF{}, FF{});
-            });
-      });
+      for_each_piece(
+          L, t * T.block, std::min(L.numel, (t + 1) * T.block),
+          [&](int64_t off, int64_t len, int64_t c) {
+            on_compute_spans<scalar_t>(
+                gp + off, xp + off, dxp != nullptr ? dxp + off : nullptr, len,
+                [&](const C* g, const C* xs, C* d, int64_t sub, int64_t n) {
+                  const int64_t c0 = L.row ? c + sub : c;
+                  const FqParams p{s.inv.data() + c0, s.scale.data() + c0, s.zp.data() + c0,
+                                   float(qmin), float(qmax)};
+                  using TT = std::true_type;
+                  using FF = std::false_type;
+                  if (!learnable) {
+                    auto go = [&](auto mode, auto row) {
+                      FFA_QUANT_ISA_CALL(
+                          k::fq_backward_mask<decltype(mode)::value, decltype(row)::value, C>(
+                              g, xs, d, n, p));
+                    };
+                    using I = std::integral_constant<int, kIntZp>;
+                    using Fz = std::integral_constant<int, kFloatZp>;
+                    if (s.mode == kFloatZp)
+                      L.row ? go(Fz{}, TT{}) : go(Fz{}, FF{});
+                    else
+                      L.row ? go(I{}, TT{}) : go(I{}, FF{});
+                    return;
+                  }
+                  double* as = acc_s.data() + t * nc + c0;
+                  double* az = acc_z.data() + t * nc + c0;
+                  auto go = [&](auto kdx, auto row) {
+                    FFA_QUANT_ISA_CALL(
+                        k::fq_backward_lsq<decltype(kdx)::value, decltype(row)::value, C>(
+                            g, xs, d, n, p, float(grad_factor), as, az));
+                  };
+                  if (d != nullptr)
+                    L.row ? go(TT{}, TT{}) : go(TT{}, FF{});
+                  else
+                    L.row ? go(FF{}, TT{}) : go(FF{}, FF{});
+                });
+          });
   });
   if (learnable) {
     *gscale = reduce_tasks(acc_s, T.count, nc);
@@ -686,8 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
           at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_backward_cpu", [&] {
             // learnable: dx follows torch's LSQ backward (its own zero point and rounding) even
             // when only dx is wanted.
-            fq_backward_impl<scalar_t>(grad, x, mask[0] ? &dx_ : nullptr, s, qmin, qmax,
-                                       learnable, grad_factor, &vs, &vz);
+            fq_backward_impl<scalar_t>(grad, x, mask[0] ? &dx_ : nullptr, s, qmin, qmax, learnable,
+                                       grad_factor, &vs, &vz);
           });
     } else {
       vs.assign(s.C, 0.0);

@@ -18,9 +18,9 @@
 namespace ffa::cuda {
 namespace {
 
-#define FFA_QUANT_CUDA_CHECK(expr)                                                      \
-  do {                                                                                  \
-    const cudaError_t err_ = (expr);                                                    \
+#define FFA_QUANT_CUDA_CHECK(expr)                                                                \
+  do {                                                                                            \
+    const cudaError_t err_ = (expr);                                                              \
     TORCH_CHECK(err_ == cudaSuccess, "ffa quant CUDA launch failed: ", cudaGetErrorString(err_)); \
   } while (0)
 
@@ -45,8 +45,8 @@ void check_floating(const at::Tensor& t, const char* name) {
 }
 
 void check_on_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor here (the CUDA kernel was dispatched), got ",
-              t.device());
+  TORCH_CHECK(t.is_cuda(), name,
+              " must be a CUDA tensor here (the CUDA kernel was dispatched), got ", t.device());
 }
 
 void check_bits(int64_t bits) {
@@ -76,8 +76,7 @@ QLayout layout_of(const at::Tensor& t, std::optional<int64_t> axis) {
 }
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes) {
-  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)},
-                   like.options().dtype(at::kByte));
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)}, like.options().dtype(at::kByte));
 }
 
 // Lays a float32 device gradient out like `param` (dtype, shape, device).
@@ -167,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cuda_op(
   check_floating(x_in, "x");
   check_on_cuda(x_in, "x");
   check_bits(bits);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(),
-              ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
+              grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
   TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
   const int ste_i = parse_ste(ste), ag_i = parse_alpha_grad(alpha_grad);
@@ -221,13 +220,13 @@ FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& z
   std::optional<int64_t> ax;
   if (axis.has_value()) {
     int64_t v = *axis;
-    TORCH_CHECK_VALUE(x.dim() >= 1 && v >= -x.dim() && v < x.dim(), "axis must be in [",
-                      -x.dim(), ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", v);
+    TORCH_CHECK_VALUE(x.dim() >= 1 && v >= -x.dim() && v < x.dim(), "axis must be in [", -x.dim(),
+                      ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", v);
     if (v < 0) v += x.dim();
     ax = v;
     TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == x.size(v),
-                      "scale must be 1-D with one entry per channel (", x.size(v),
-                      "), got shape ", scale.sizes());
+                      "scale must be 1-D with one entry per channel (", x.size(v), "), got shape ",
+                      scale.sizes());
     TORCH_CHECK_VALUE(zero_point.dim() == 1 && zero_point.numel() == x.size(v),
                       "zero_point must be 1-D with one entry per channel (", x.size(v),
                       "), got shape ", zero_point.sizes());
@@ -288,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cuda_op(
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
     bool learnable, double grad_factor, std::array<bool, 3> mask) {
   check_on_cuda(x_in, "x");
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(),
-              ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
+              grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
   TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -309,8 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cuda_op(
     const at::Tensor ws = workspace(x, fake_quantize_backward_workspace_bytes(a.f.L));
     FFA_QUANT_CUDA_CHECK(fake_quantize_backward_cuda(
         qdtype(x.scalar_type()), grad.const_data_ptr(), x.const_data_ptr(),
-        mask[0] ? dx.mutable_data_ptr() : nullptr, a.f, learnable,
-        static_cast<float>(grad_factor), qgrads ? gs.mutable_data_ptr<float>() : nullptr,
+        mask[0] ? dx.mutable_data_ptr() : nullptr, a.f, learnable, static_cast<float>(grad_factor),
+        qgrads ? gs.mutable_data_ptr<float>() : nullptr,
         qgrads ? gz.mutable_data_ptr<float>() : nullptr, ws.mutable_data_ptr(), stream_of(x)));
   }
   at::Tensor out_s = scale.new_empty({0}), out_z = zero_point.new_empty({0});

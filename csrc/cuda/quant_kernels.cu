@@ -26,9 +26,19 @@ namespace ffa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Each thread handles kUnroll elements per tile (element u at base + u * kThreads, coalesced),
+// loading them all before computing: 4 independent loads per thread keep enough bytes in flight
+// to approach HBM bandwidth (one 4-byte load per thread per iteration is about half of it).
+constexpr int kUnroll = 4;
+constexpr int64_t kTile = int64_t(kThreads) * kUnroll;
 constexpr int64_t kMaxGrid = 8192;
-constexpr int64_t kPerBlockReduce = kThreads * 16;  // elements per block in the reduction grids
+constexpr int64_t kPerBlockReduce = kTile * 4;  // elements per block in the reduction grids
 constexpr int64_t kMaxReduceBlocks = 2048;
+
+// Tiles first_tile, first_tile + tile_stride, ... of [0, n): `base` is this thread's first element.
+#define FFA_TILE_LOOP(base, n, first_tile, tile_stride)                      \
+  for (int64_t base = int64_t(first_tile) * kTile + threadIdx.x; base < (n); \
+       base += int64_t(tile_stride) * kTile)
 
 // Compute type and conversions: float16/bfloat16 compute in float, as torch's kernels do.
 template <typename T>
@@ -50,30 +60,30 @@ struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
-#define FFA_QDISPATCH(dt, ...)           \
-  switch (dt) {                          \
-    case QDtype::kFloat32: {             \
-      using T = float;                   \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case QDtype::kFloat64: {             \
-      using T = double;                  \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case QDtype::kFloat16: {             \
-      using T = __half;                  \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    case QDtype::kBFloat16: {            \
-      using T = __nv_bfloat16;           \
-      __VA_ARGS__;                       \
-      break;                             \
-    }                                    \
-    default:                             \
-      return cudaErrorInvalidValue;      \
+#define FFA_QDISPATCH(dt, ...)      \
+  switch (dt) {                     \
+    case QDtype::kFloat32: {        \
+      using T = float;              \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    case QDtype::kFloat64: {        \
+      using T = double;             \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    case QDtype::kFloat16: {        \
+      using T = __half;             \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    case QDtype::kBFloat16: {       \
+      using T = __nv_bfloat16;      \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    default:                        \
+      return cudaErrorInvalidValue; \
   }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -99,15 +109,23 @@ __device__ double block_reduce(double v) {
   return v;
 }
 
-// Memory offset of element k (0 <= k < numel / C) of channel c.
+// Memory offset of element k (0 <= k < numel / C) of channel c. 32-bit division when it fits
+// (64-bit integer division is a long emulated sequence on the GPU).
 __device__ __forceinline__ int64_t channel_addr(const QLayout& L, int64_t c, int64_t k) {
   if (L.C == 1) return k;
+  if (L.numel <= int64_t(UINT32_MAX)) {
+    const uint32_t in = uint32_t(L.inner), o = uint32_t(k) / in, i = uint32_t(k) - o * in;
+    return (int64_t(o) * L.C + c) * L.inner + i;
+  }
   const int64_t o = k / L.inner, i = k - o * L.inner;
   return (o * L.C + c) * L.inner + i;
 }
 
 __device__ __forceinline__ int64_t channel_of(const QLayout& L, int64_t addr) {
-  return L.C == 1 ? 0 : (addr / L.inner) % L.C;
+  if (L.C == 1) return 0;
+  if (L.numel <= int64_t(UINT32_MAX))
+    return int64_t((uint32_t(addr) / uint32_t(L.inner)) % uint32_t(L.C));
+  return (addr / L.inner) % L.C;
 }
 
 struct ReduceGrid {
@@ -124,7 +142,7 @@ ReduceGrid reduce_grid(QLayout L) {
 }
 
 int64_t elementwise_blocks(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
+  const int64_t b = (n + kTile - 1) / kTile;
   return b < 1 ? 1 : (b < kMaxGrid ? b : kMaxGrid);
 }
 
@@ -149,10 +167,18 @@ __global__ void __launch_bounds__(kThreads)
   using C = typename Num<T>::C;
   const int64_t c = blockIdx.x / splits, s = blockIdx.x % splits, m = L.numel / L.C;
   double sum = 0, mx = 0;
-  for (int64_t k = s * kThreads + threadIdx.x; k < m; k += splits * kThreads) {
-    const C a = fabs(Num<T>::load(w[channel_addr(L, c, k)]));
-    sum += double(a);
-    mx = fmax(mx, double(a));
+  FFA_TILE_LOOP(base, m, s, splits) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < m) v[u] = w[channel_addr(L, c, base + u * kThreads)];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < m) {
+        const C a = fabs(Num<T>::load(v[u]));
+        sum += double(a);
+        mx = fmax(mx, double(a));
+      }
   }
   sum = block_reduce<false>(sum);
   mx = block_reduce<true>(mx);
@@ -196,15 +222,23 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x / splits, s = blockIdx.x % splits, m = L.numel / L.C;
   const C d = C(delta[c]), Q = C((int64_t(1) << (bits - 1)) - 1);
   double s1 = 0, s2 = 0;
-  for (int64_t k = s * kThreads + threadIdx.x; k < m; k += splits * kThreads) {
-    const C a = fabs(Num<T>::load(w[channel_addr(L, c, k)]));
-    if (bits == 2) {
-      s1 += double(a >= d ? a : C(0));
-    } else {
-      const C q = wq_level(a, d, Q);
-      s1 += double(a) * double(q);
-      s2 += double(q) * double(q);
-    }
+  FFA_TILE_LOOP(base, m, s, splits) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < m) v[u] = w[channel_addr(L, c, base + u * kThreads)];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < m) {
+        const C a = fabs(Num<T>::load(v[u]));
+        if (bits == 2) {
+          s1 += double(a >= d ? a : C(0));
+        } else {
+          const C q = wq_level(a, d, Q);
+          s1 += double(a) * double(q);
+          s2 += double(q) * double(q);
+        }
+      }
   }
   s1 = block_reduce<false>(s1);
   s2 = block_reduce<false>(s2);
@@ -215,9 +249,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename C>
-__global__ void wq_finish_scale_kernel(const double* __restrict__ p1,
-                                       const double* __restrict__ p2, QLayout L, int64_t splits,
-                                       int bits, double* __restrict__ scale) {
+__global__ void wq_finish_scale_kernel(const double* __restrict__ p1, const double* __restrict__ p2,
+                                       QLayout L, int64_t splits, int bits,
+                                       double* __restrict__ scale) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= L.C) return;
   double a = 0, b = 0;
@@ -225,8 +259,10 @@ __global__ void wq_finish_scale_kernel(const double* __restrict__ p1,
     a += p1[c * splits + s];
     b += p2[c * splits + s];
   }
-  if (bits == 2) scale[c] = double(C(a) / C(L.numel / L.C));
-  else scale[c] = b > 0 ? double(C(a) / C(b)) : 0.0;  // an all-zero channel gives zeros
+  if (bits == 2)
+    scale[c] = double(C(a) / C(L.numel / L.C));
+  else
+    scale[c] = b > 0 ? double(C(a) / C(b)) : 0.0;  // an all-zero channel gives zeros
 }
 
 template <typename T>
@@ -235,14 +271,23 @@ __global__ void __launch_bounds__(kThreads)
                     const double* __restrict__ delta, const double* __restrict__ scale) {
   using C = typename Num<T>::C;
   const C Q = C((int64_t(1) << (bits - 1)) - 1);
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < L.numel;
-       k += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = channel_of(L, k);
-    const C v = Num<T>::load(w[k]), a = fabs(v), s = C(scale[c]);
-    const C q = bits == 1 ? C(1) : bits == 2 ? (a >= C(delta[c]) ? C(1) : C(0))
-                                             : wq_level(a, C(delta[c]), Q);
-    const C sg = v > C(0) ? C(1) : (v < C(0) ? C(-1) : C(0));
-    y[k] = Num<T>::store(sg * (s * q));
+  FFA_TILE_LOOP(base, L.numel, blockIdx.x, gridDim.x) {
+    T wv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < L.numel) wv[u] = w[base + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= L.numel) continue;
+      const int64_t c = channel_of(L, k);
+      const C v = Num<T>::load(wv[u]), a = fabs(v), s = C(scale[c]);
+      const C q = bits == 1   ? C(1)
+                  : bits == 2 ? (a >= C(delta[c]) ? C(1) : C(0))
+                              : wq_level(a, C(delta[c]), Q);
+      const C sg = v > C(0) ? C(1) : (v < C(0) ? C(-1) : C(0));
+      y[k] = Num<T>::store(sg * (s * q));
+    }
   }
 }
 
@@ -277,13 +322,21 @@ __global__ void __launch_bounds__(kThreads)
   using C = typename Num<T>::C;
   const C a = C(load_alpha(alpha)), L = C((int64_t(1) << bits) - 1);
   const C thr1 = a * (L - C(1)), top = a * L;
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < n;
-       k += int64_t(gridDim.x) * kThreads) {
-    const C v = Num<T>::load(x[k]);
-    C r = v <= C(0) ? C(0) : v;  // NaN stays NaN
-    if (v > C(0) && v <= thr1) r = ceil(v / a) * a;
-    if (v > thr1) r = top;
-    y[k] = Num<T>::store(r);
+  FFA_TILE_LOOP(base, n, blockIdx.x, gridDim.x) {
+    T xv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < n) xv[u] = x[base + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= n) continue;
+      const C v = Num<T>::load(xv[u]);
+      C r = v <= C(0) ? C(0) : v;  // NaN stays NaN
+      if (v > C(0) && v <= thr1) r = ceil(v / a) * a;
+      if (v > thr1) r = top;
+      y[k] = Num<T>::store(r);
+    }
   }
 }
 
@@ -295,22 +348,33 @@ __global__ void __launch_bounds__(kThreads)
   using C = typename Num<T>::C;
   const C a = C(load_alpha(alpha)), L = C((int64_t(1) << bits) - 1);
   const C thr2 = a * L, thr_in = alpha_grad == kAgAe ? a * (L - C(1)) : thr2;
-  const C g_in = alpha_grad == kAgMean ? C(int64_t(1) << (bits - 1))
-                                       : (alpha_grad == kAgMin ? C(1) : C(0));
+  const C g_in =
+      alpha_grad == kAgMean ? C(int64_t(1) << (bits - 1)) : (alpha_grad == kAgMin ? C(1) : C(0));
   const bool idnty = ste == kSteIdnty, inplt = ste == kSteInplt;
   double sum = 0;
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < n;
-       k += int64_t(gridDim.x) * kThreads) {
-    const C v = Num<T>::load(x[k]);
-    const T d = dy[k];
-    if (dx != nullptr) {
-      const bool zero = (v <= C(0) && !idnty) || (v > thr2 && inplt);
-      dx[k] = zero ? Num<T>::store(C(0)) : d;
-    }
-    if (want_galpha) {
-      const C gi = alpha_grad == kAgAe ? ceil(v / a) : g_in;
-      const C g0 = v > thr_in ? L : ((v > C(0) && v <= thr_in) ? gi : C(0));
-      sum += double(Num<T>::load(d)) * double(g0);
+  FFA_TILE_LOOP(base, n, blockIdx.x, gridDim.x) {
+    T xv[kUnroll], dv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < n) {
+        xv[u] = x[base + u * kThreads];
+        dv[u] = dy[base + u * kThreads];
+      }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= n) continue;
+      const C v = Num<T>::load(xv[u]);
+      const T d = dv[u];
+      if (dx != nullptr) {
+        const bool zero = (v <= C(0) && !idnty) || (v > thr2 && inplt);
+        dx[k] = zero ? Num<T>::store(C(0)) : d;
+      }
+      if (want_galpha) {
+        const C gi = alpha_grad == kAgAe ? ceil(v / a) : g_in;
+        const C g0 = v > thr_in ? L : ((v > C(0) && v <= thr_in) ? gi : C(0));
+        sum += double(Num<T>::load(d)) * double(g0);
+      }
     }
   }
   if (!want_galpha) return;
@@ -318,8 +382,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
-__global__ void qrelu_finish_kernel(const double* __restrict__ partial, int64_t blocks,
-                                    double rate, float* __restrict__ galpha) {
+__global__ void qrelu_finish_kernel(const double* __restrict__ partial, int64_t blocks, double rate,
+                                    float* __restrict__ galpha) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   double s = 0;
   for (int64_t b = 0; b < blocks; ++b) s += partial[b];
@@ -327,6 +391,31 @@ __global__ void qrelu_finish_kernel(const double* __restrict__ partial, int64_t 
 }
 
 // ---- fake_quantize ----------------------------------------------------------------------------
+
+// Which of torch's formulas a launch transcribes (a template parameter: one lean kernel each).
+enum FqKernelMode : int { kFqTensor = 0, kFqChannelIntZp = 1, kFqChannelFloatZp = 2 };
+
+int fq_kernel_mode(const QFake& f) {
+  return f.float_zp ? kFqChannelFloatZp : (f.per_channel ? kFqChannelIntZp : kFqTensor);
+}
+
+#define FFA_FQ_MODE_DISPATCH(f, ...)           \
+  switch (fq_kernel_mode(f)) {                 \
+    case kFqChannelFloatZp: {                  \
+      constexpr int kMode = kFqChannelFloatZp; \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case kFqChannelIntZp: {                    \
+      constexpr int kMode = kFqChannelIntZp;   \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    default: {                                 \
+      constexpr int kMode = kFqTensor;         \
+      __VA_ARGS__;                             \
+    }                                          \
+  }
 
 __device__ __forceinline__ float raw_zp(const QParams& q, int64_t c) {
   return q.zp != nullptr ? q.zp[c] : q.zp_val;
@@ -350,62 +439,82 @@ __device__ __forceinline__ float used_zp(float z, int mode, int64_t qmin, int64_
   }
 }
 
-template <typename T>
+template <typename T, int kMode>
 __global__ void __launch_bounds__(kThreads)
     fq_forward_kernel(const T* __restrict__ x, T* __restrict__ y, QFake f) {
   using C = typename Num<T>::C;
   const int64_t quant_min = f.qmin, quant_max = f.qmax;
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < f.L.numel;
-       k += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = channel_of(f.L, k);
-    const float scale = raw_scale(f.q, c);
-    const float inv_scale = 1.0f / scale;
-    const C input_val = Num<T>::load(x[k]);
-    if (f.float_zp) {  // torch: per-channel, floating zero point
-      const float zero_point = raw_zp(f.q, c);
-      const auto qval = lrint(input_val * inv_scale + zero_point);
-      const auto bounded_qval = fminf(quant_max, fmaxf(quant_min, qval));
-      y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
-    } else if (f.per_channel) {  // torch: per-channel, integer zero point
-      const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
-      const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
-      const auto bounded_qval = qval < quant_min ? quant_min : (qval > quant_max ? quant_max : qval);
-      y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
-    } else {  // torch: per tensor
-      const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
-      const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
-      y[k] = Num<T>::store(C((fminf(quant_max, fmaxf(quant_min, qval)) - zero_point) * scale));
+  FFA_TILE_LOOP(base, f.L.numel, blockIdx.x, gridDim.x) {
+    T xv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < f.L.numel) xv[u] = x[base + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= f.L.numel) continue;
+      const int64_t c = channel_of(f.L, k);
+      const float scale = raw_scale(f.q, c);
+      const float inv_scale = 1.0f / scale;
+      const C input_val = Num<T>::load(xv[u]);
+      if constexpr (kMode == kFqChannelFloatZp) {  // torch: per-channel, floating zero point
+        const float zero_point = raw_zp(f.q, c);
+        const auto qval = lrint(input_val * inv_scale + zero_point);
+        const auto bounded_qval = fminf(quant_max, fmaxf(quant_min, qval));
+        y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
+      } else if constexpr (kMode == kFqChannelIntZp) {  // torch: per-channel, integer zero point
+        const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
+        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
+        const auto bounded_qval =
+            qval < quant_min ? quant_min : (qval > quant_max ? quant_max : qval);
+        y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
+      } else {  // torch: per tensor
+        const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
+        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
+        y[k] = Num<T>::store(C((fminf(quant_max, fmaxf(quant_min, qval)) - zero_point) * scale));
+      }
     }
   }
 }
 
 // Non-learnable backward: dx = dy * mask, the mask of the forward formula.
-template <typename T>
+template <typename T, int kMode>
 __global__ void __launch_bounds__(kThreads)
-    fq_backward_mask_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                            T* __restrict__ dx, QFake f) {
+    fq_backward_mask_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                            QFake f) {
   using C = typename Num<T>::C;
   const int64_t quant_min = f.qmin, quant_max = f.qmax;
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < f.L.numel;
-       k += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = channel_of(f.L, k);
-    const float inv_scale = 1.0f / raw_scale(f.q, c);
-    const C input_val = Num<T>::load(x[k]);
-    bool mask;
-    if (f.float_zp) {
-      const float zero_point = raw_zp(f.q, c);
-      const auto qval = lrint(input_val * inv_scale + zero_point);
-      mask = (quant_min <= qval) && (qval <= quant_max);
-    } else if (f.per_channel) {
-      const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
-      const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
-      mask = (quant_min <= qval) && (qval <= quant_max);
-    } else {
-      const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
-      const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
-      mask = (quant_min <= qval) && (qval <= quant_max);
+  FFA_TILE_LOOP(base, f.L.numel, blockIdx.x, gridDim.x) {
+    T xv[kUnroll], dv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kThreads < f.L.numel) {
+        xv[u] = x[base + u * kThreads];
+        dv[u] = dy[base + u * kThreads];
+      }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= f.L.numel) continue;
+      const int64_t c = channel_of(f.L, k);
+      const float inv_scale = 1.0f / raw_scale(f.q, c);
+      const C input_val = Num<T>::load(xv[u]);
+      bool mask;
+      if constexpr (kMode == kFqChannelFloatZp) {
+        const float zero_point = raw_zp(f.q, c);
+        const auto qval = lrint(input_val * inv_scale + zero_point);
+        mask = (quant_min <= qval) && (qval <= quant_max);
+      } else if constexpr (kMode == kFqChannelIntZp) {
+        const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
+        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
+        mask = (quant_min <= qval) && (qval <= quant_max);
+      } else {
+        const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
+        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
+        mask = (quant_min <= qval) && (qval <= quant_max);
+      }
+      dx[k] = Num<T>::store(Num<T>::load(dv[u]) * C(mask ? 1 : 0));
     }
-    dx[k] = Num<T>::store(Num<T>::load(dy[k]) * C(mask ? 1 : 0));
   }
 }
 
@@ -426,36 +535,67 @@ __global__ void __launch_bounds__(kThreads)
   if (!f.per_channel) {
     const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), kZpHalfUpClamp, f.qmin, f.qmax));
     const C dscale_small = C(quant_min - zero_point), dscale_big = C(quant_max - zero_point);
-    for (int64_t k = s * kThreads + threadIdx.x; k < m; k += splits * kThreads) {
-      const C XInput = Num<T>::load(x[k]), dYInput = Num<T>::load(dy[k]);
-      const int64_t xq = nearbyint(XInput * inv_scale) + zero_point;
-      if (dx != nullptr) dx[k] = Num<T>::store(dYInput * C(xq >= quant_min && xq <= quant_max));
-      const C xfq = static_cast<C>(
-          (xq > quant_max ? quant_max : (xq < quant_min ? quant_min : xq)) - zero_point) * scale;
-      if (xq < quant_min || xq > quant_max) {
-        sum_z += double((dYInput) * (-1) * scale * gf);
-        sum_s += double(((xq < quant_min) ? (dYInput * dscale_small) : (dYInput * dscale_big)) * gf);
-      } else {
-        sum_s += double((dYInput) * (xfq - (XInput)) * inv_scale * gf);
+    FFA_TILE_LOOP(base, m, s, splits) {
+      T xv[kUnroll], dv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < m) {
+          xv[u] = x[base + u * kThreads];
+          dv[u] = dy[base + u * kThreads];
+        }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = base + u * kThreads;
+        if (k >= m) continue;
+        const C XInput = Num<T>::load(xv[u]), dYInput = Num<T>::load(dv[u]);
+        const int64_t xq = nearbyint(XInput * inv_scale) + zero_point;
+        if (dx != nullptr) dx[k] = Num<T>::store(dYInput * C(xq >= quant_min && xq <= quant_max));
+        const C xfq =
+            static_cast<C>((xq > quant_max ? quant_max : (xq < quant_min ? quant_min : xq)) -
+                           zero_point) *
+            scale;
+        if (xq < quant_min || xq > quant_max) {
+          sum_z += double((dYInput) * (-1) * scale * gf);
+          sum_s +=
+              double(((xq < quant_min) ? (dYInput * dscale_small) : (dYInput * dscale_big)) * gf);
+        } else {
+          sum_s += double((dYInput) * (xfq - (XInput)) * inv_scale * gf);
+        }
       }
     }
   } else {
     const C zero_point_input = C(used_zp(raw_zp(f.q, c), kZpRoundClamp, f.qmin, f.qmax));
     const C dscale_small = C(quant_min) - zero_point_input;
     const C dscale_big = C(quant_max) - zero_point_input;
-    for (int64_t k = s * kThreads + threadIdx.x; k < m; k += splits * kThreads) {
-      const int64_t addr = channel_addr(f.L, c, k);
-      const C x_input = Num<T>::load(x[addr]), dy_input = Num<T>::load(dy[addr]);
-      const int64_t xqi = nearbyint(x_input * inv_scale) + static_cast<int64_t>(zero_point_input);
-      if (dx != nullptr) dx[addr] = Num<T>::store(dy_input * C(xqi >= quant_min && xqi <= quant_max));
-      const C xfqi = static_cast<C>(
-          (C((xqi > quant_max ? quant_max : (xqi < quant_min ? quant_min : xqi))) - zero_point_input) *
-          scale);
-      if (xqi < quant_min || xqi > quant_max) {
-        sum_z += double(dy_input * (-1) * scale * gf);
-        sum_s += double(((xqi < quant_min) ? (dy_input * dscale_small) : (dy_input * dscale_big)) * gf);
-      } else {
-        sum_s += double(dy_input * (xfqi - x_input) * inv_scale * gf);
+    FFA_TILE_LOOP(base, m, s, splits) {
+      T xv[kUnroll], dv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < m) {
+          const int64_t addr = channel_addr(f.L, c, base + u * kThreads);
+          xv[u] = x[addr];
+          dv[u] = dy[addr];
+        }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = base + u * kThreads;
+        if (k >= m) continue;
+        const int64_t addr = channel_addr(f.L, c, k);
+        const C x_input = Num<T>::load(xv[u]), dy_input = Num<T>::load(dv[u]);
+        const int64_t xqi = nearbyint(x_input * inv_scale) + static_cast<int64_t>(zero_point_input);
+        if (dx != nullptr)
+          dx[addr] = Num<T>::store(dy_input * C(xqi >= quant_min && xqi <= quant_max));
+        const C xfqi =
+            static_cast<C>((C((xqi > quant_max ? quant_max : (xqi < quant_min ? quant_min : xqi))) -
+                            zero_point_input) *
+                           scale);
+        if (xqi < quant_min || xqi > quant_max) {
+          sum_z += double(dy_input * (-1) * scale * gf);
+          sum_s += double(
+              ((xqi < quant_min) ? (dy_input * dscale_small) : (dy_input * dscale_big)) * gf);
+        } else {
+          sum_s += double(dy_input * (xfqi - x_input) * inv_scale * gf);
+        }
       }
     }
   }
@@ -485,7 +625,8 @@ int64_t per_channel_blocks(int64_t channels) { return (channels + kThreads - 1) 
 
 }  // namespace
 
-// ---- launch functions -----------------------------------------------------------------------------
+// ---- launch functions
+// -----------------------------------------------------------------------------
 
 size_t quantize_weight_workspace_bytes(QLayout L) {
   const ReduceGrid g = reduce_grid(L);
@@ -515,8 +656,8 @@ cudaError_t quantize_weight_cuda(QDtype dt, const void* w, void* y, QLayout L, i
       wq_sums_kernel<T><<<g.blocks, kThreads, 0, stream>>>(wp, L, g.splits, bits, delta, p3, p4);
       wq_finish_scale_kernel<C><<<fb, kThreads, 0, stream>>>(p3, p4, L, g.splits, bits, scale);
     }
-    wq_apply_kernel<T><<<elementwise_blocks(L.numel), kThreads, 0, stream>>>(
-        wp, static_cast<T*>(y), L, bits, delta, scale);
+    wq_apply_kernel<T><<<elementwise_blocks(L.numel), kThreads, 0, stream>>>(wp, static_cast<T*>(y),
+                                                                             L, bits, delta, scale);
   });
   return cudaGetLastError();
 }
@@ -549,8 +690,8 @@ cudaError_t quant_relu_backward_cuda(QDtype dt, const void* grad, const void* x,
   double* partial = static_cast<double*>(workspace);
   FFA_QDISPATCH(dt, {
     qrelu_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), n, alpha,
-        bits, ste, alpha_grad, galpha != nullptr, partial);
+        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), n, alpha, bits,
+        ste, alpha_grad, galpha != nullptr, partial);
   });
   if (galpha != nullptr) qrelu_finish_kernel<<<1, 32, 0, stream>>>(partial, blocks, rate, galpha);
   return cudaGetLastError();
@@ -559,10 +700,11 @@ cudaError_t quant_relu_backward_cuda(QDtype dt, const void* grad, const void* x,
 cudaError_t fake_quantize_forward_cuda(QDtype dt, const void* x, void* y, const QFake& f,
                                        cudaStream_t stream) {
   if (f.L.numel == 0) return cudaSuccess;
-  FFA_QDISPATCH(dt, {
-    fq_forward_kernel<T><<<elementwise_blocks(f.L.numel), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<T*>(y), f);
-  });
+  FFA_QDISPATCH(dt, FFA_FQ_MODE_DISPATCH(f, {
+                  fq_forward_kernel<T, kMode>
+                      <<<elementwise_blocks(f.L.numel), kThreads, 0, stream>>>(
+                          static_cast<const T*>(x), static_cast<T*>(y), f);
+                }));
   return cudaGetLastError();
 }
 
@@ -584,20 +726,21 @@ cudaError_t fake_quantize_backward_cuda(QDtype dt, const void* grad, const void*
   }
   if (!learnable) {
     if (dx == nullptr) return cudaSuccess;
-    FFA_QDISPATCH(dt, {
-      fq_backward_mask_kernel<T><<<elementwise_blocks(f.L.numel), kThreads, 0, stream>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), f);
-    });
+    FFA_QDISPATCH(
+        dt, FFA_FQ_MODE_DISPATCH(f, {
+          fq_backward_mask_kernel<T, kMode><<<elementwise_blocks(f.L.numel), kThreads, 0, stream>>>(
+              static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), f);
+        }));
     return cudaGetLastError();
   }
   const ReduceGrid g = reduce_grid(f.L);
   double* ps = static_cast<double*>(workspace);
-  double* pz = reinterpret_cast<double*>(static_cast<char*>(workspace) +
-                                         align16(sizeof(double) * g.blocks));
+  double* pz =
+      reinterpret_cast<double*>(static_cast<char*>(workspace) + align16(sizeof(double) * g.blocks));
   FFA_QDISPATCH(dt, {
-    fq_backward_lsq_kernel<T><<<g.blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(dx), f, g.splits,
-        grad_factor, ps, pz);
+    fq_backward_lsq_kernel<T>
+        <<<g.blocks, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
+                                            static_cast<T*>(dx), f, g.splits, grad_factor, ps, pz);
   });
   if (gscale != nullptr || gzp != nullptr)
     fq_finish_kernel<<<per_channel_blocks(f.L.C), kThreads, 0, stream>>>(ps, pz, f.L.C, g.splits,
