@@ -22,6 +22,7 @@ namespace ffa::cuda {
 #define FFA_CHECK_LAUNCH() FFA_CUDA_TRY(cudaGetLastError())
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Carves 256-byte aligned pieces out of one workspace allocation, in call order.

@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(256, 2)
   A dot = A(0);
   for (int64_t c = 0; c < f.C; ++c) dot += widen<A>(x[c * f.sc]) * static_cast<A>(gp[c * g_sc]);
   const A n = norms[b * norm_bstride + i], ne = n + eps;
-  const A scale = static_cast<A>(sign * factor * grad[b]);
+  const A scale = static_cast<A>(sign * factor * (grad != nullptr ? grad[b] : 1.0));
   const A a = scale / ne, bc = n > A(0) ? scale * dot / (n * ne * ne) : A(0);
   Ein* o = out + b * f.C * N + i;
   for (int64_t c = 0; c < f.C; ++c)

@@ -6,7 +6,7 @@ namespace ffa::cuda {
 
 // Chain rule through u = x / (||x|| + eps) for tensor `which` (0 student, 1 teacher) of the pair:
 //   out(b, c, i) = s_b (g(c, i) / (n + eps) - x(c, i) (x . g)_i / (n (n + eps)^2)),
-//   s_b = sign * factor * grad[b], g(c, i) = G[b * g_sb + i * g_sp + c * g_sc], second term 0 at n = 0.
+//   s_b = sign * factor * grad[b] (grad may be null: 1), g(c, i) = G[b * g_sb + i * g_sp + c * g_sc], second term 0 at n = 0.
 // G and norms (norms[b * norm_bstride + i]) are float32, or float64 when g_dtype is kDouble
 // (required for float64 inputs). out: [B, C, N] contiguous in the pair's dtype.
 cudaError_t launch_unit_backward(const Pair& in, int which, Dtype g_dtype, const void* norms,
