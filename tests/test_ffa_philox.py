@@ -1,8 +1,9 @@
 """ffa_loss_philox: FFA with probes regenerated from Philox4x32-10 instead of a projection tensor.
 
-An independent NumPy Philox (checked against the Random123 known-answer vectors) rebuilds Z, so the
-op is compared with the plain reference (ffa.reference.ffa_loss) and with ffa_loss on that Z. Runs on
-CPU always and on CUDA when present (the CUDA kernels never store Z; same values as the CPU fallback).
+An independent NumPy Philox (checked against the Random123 known-answer vectors) rebuilds Z,
+so the op is compared with the plain reference (ffa.reference.ffa_loss) and with ffa_loss on
+that Z. Runs on CPU always and on CUDA when present (the CUDA kernels never store Z; same values
+as the CPU fallback).
 """
 
 from __future__ import annotations
