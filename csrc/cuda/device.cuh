@@ -84,13 +84,6 @@ __device__ __forceinline__ double store_as<double, double>(double v) {
   return v;
 }
 
-// Rounds a float to the nearest TF32 value (what the tensor cores would otherwise truncate).
-__device__ __forceinline__ float round_tf32(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-  return __uint_as_float(r);
-}
-
 template <typename T>
 __device__ __forceinline__ T sign_of(T v) {
   return static_cast<T>((v > T(0)) - (v < T(0)));
@@ -120,6 +113,15 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
 }
 
 // ---- PTX wrappers (sm_80+) -----------------------------------------------------------------
+// tools/cuda_emu/cuda_emu.h provides CPU versions of exactly these when the kernels are emulated.
+#ifndef FFA_CUDA_EMULATION
+// Rounds a float to the nearest TF32 value (what the tensor cores would otherwise truncate).
+__device__ __forceinline__ float round_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -182,6 +184,8 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // FFA_CUDA_EMULATION
 
 // Two floats (each exactly -1, 0 or 1 here) packed as a 16-bit pair, low half first.
 template <typename E>
