@@ -229,7 +229,10 @@ def test_bitwise_determinism(label, dtype, allow):
 
 def test_outputs_fully_written():
     # Poison the caching allocator's blocks with NaN, then check that nothing NaN leaks out.
-    poison = torch.full((64 << 20,), float("nan"), device="cuda")
+    # Both pools: small blocks (<= 1 MiB) and large segments.
+    poison = [
+        torch.full((n,), float("nan"), device="cuda") for n in (1 << 8, 1 << 12, 1 << 16, 64 << 20)
+    ]
     del poison
     s, t = make_pair(2, 40, 24, 12, 11, torch.bfloat16, seed=2)
     outs = list(_fwd_bwd(lambda a, b: ops.fa_loss(a, b, 1, EPS), s, t))
