@@ -67,44 +67,50 @@ void back_project(const Features<T>& x, const T* P, int64_t k, T* y) {
   gemm(x.pixel_fast(), false, x.v.N, k, x.v.C, T(1), x.ptr, x.ld(), P, k, T(0), y, k);
 }
 
+// Samples run in parallel (one parallel region; each sample's BLAS calls then run single-threaded).
+// A batch smaller than the thread count runs its samples one by one, each with parallel inner loops.
 template <typename T>
 void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tensor& z3, int64_t p,
                       double eps, at::Tensor& loss, at::Tensor& y, at::Tensor& ps, at::Tensor& pt) {
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
-  std::vector<T> ns(N), nt(N), scaled(N * k), yt(N * k);
-  T* loss_p = loss.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b) {
-    const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
-    const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
-    T* Y = y.data_ptr<T>() + b * N * k;
-    T* Ps = ps.data_ptr<T>() + b * Cs * k;
-    T* Pt = pt.data_ptr<T>() + b * Ct * k;
-    unit_pixels<T, T>(S.ptr, S.v, T(eps), T(1), nullptr, 0, ns.data());
-    unit_pixels<T, T>(Tt.ptr, Tt.v, T(eps), T(1), nullptr, 0, nt.data());
-    project(S, ns.data(), T(eps), z, k, scaled.data(), Ps);
-    project(Tt, nt.data(), T(eps), z, k, scaled.data(), Pt);
-    back_project(S, Ps, k, Y);
-    back_project(Tt, Pt, k, yt.data());
-    const int64_t chunks = at::divup(N, int64_t(1024));
-    std::vector<double> chunk_sum(chunks, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        T acc = 0;
-        for (int64_t i = c * 1024; i < std::min(N, (c + 1) * 1024); ++i) {
-          const T rs = T(1) / (ns[i] + T(eps)), rt = T(1) / (nt[i] + T(eps));
-          for (int64_t j = 0; j < k; ++j) {
-            const T v = rs * Y[i * k + j] - rt * yt[i * k + j];
-            Y[i * k + j] = v;
-            acc += p == 1 ? std::abs(v) : v * v;
+  const int64_t grain = B >= at::get_num_threads() ? 1 : B;
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<T> ns(N), nt(N), scaled(N * k), yt(N * k);
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
+      const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
+      T* Y = y.data_ptr<T>() + b * N * k;
+      T* Ps = ps.data_ptr<T>() + b * Cs * k;
+      T* Pt = pt.data_ptr<T>() + b * Ct * k;
+      unit_pixels<T, T>(S.ptr, S.v, T(eps), T(1), nullptr, 0, ns.data());
+      unit_pixels<T, T>(Tt.ptr, Tt.v, T(eps), T(1), nullptr, 0, nt.data());
+      project(S, ns.data(), T(eps), z, k, scaled.data(), Ps);
+      project(Tt, nt.data(), T(eps), z, k, scaled.data(), Pt);
+      back_project(S, Ps, k, Y);
+      back_project(Tt, Pt, k, yt.data());
+      // Y = r_S . Y_S - r_T . Y_T and the loss; fixed-size chunks summed in order (deterministic).
+      constexpr int64_t kChunk = 1024;
+      const int64_t chunks = at::divup(N, kChunk);
+      std::vector<double> chunk_sum(chunks, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T acc = 0;
+          for (int64_t i = c * kChunk; i < std::min(N, (c + 1) * kChunk); ++i) {
+            const T rs = T(1) / (ns[i] + T(eps)), rt = T(1) / (nt[i] + T(eps));
+            for (int64_t j = 0; j < k; ++j) {
+              const T v = rs * Y[i * k + j] - rt * yt[i * k + j];
+              Y[i * k + j] = v;
+              acc += p == 1 ? std::abs(v) : v * v;
+            }
           }
+          chunk_sum[c] = acc;
         }
-        chunk_sum[c] = acc;
-      }
-    });
-    double total = 0;
-    for (double v : chunk_sum) total += v;
-    loss_p[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
-  }
+      });
+      double total = 0;
+      for (double v : chunk_sum) total += v;
+      loss.data_ptr<T>()[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
+    }
+  });
 }
 
 template <typename T>
@@ -127,23 +133,26 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
   const auto g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
-  std::vector<T> norm(N), scaled(N * k), W(N * k), Q(std::max(Cs, Ct) * k),
-      G(N * std::max(Cs, Ct));
-  for (int64_t b = 0; b < B; ++b) {
-    const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
-    const T* Y = y.const_data_ptr<T>() + b * N * k;
-    const T scale = static_cast<T>(gp[b] / (double(k) * double(N) * double(N)));
-    at::parallel_for(0, N * k, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e)
-        W[e] = p == 1 ? scale * static_cast<T>((Y[e] > 0) - (Y[e] < 0)) : 2 * scale * Y[e];
-    });
-    if (gs.defined())
-      ffa_backward_one<T>(sample<T>(s3, b), z, W.data(), ps.const_data_ptr<T>() + b * Cs * k, k,
-                             T(eps), T(1), norm, scaled, Q, G, gs.data_ptr<T>() + b * Cs * N);
-    if (gt.defined())
-      ffa_backward_one<T>(sample<T>(t3, b), z, W.data(), pt.const_data_ptr<T>() + b * Ct * k, k,
-                             T(eps), T(-1), norm, scaled, Q, G, gt.data_ptr<T>() + b * Ct * N);
-  }
+  const int64_t grain = B >= at::get_num_threads() ? 1 : B;
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<T> norm(N), scaled(N * k), W(N * k), Q(std::max(Cs, Ct) * k),
+        G(N * std::max(Cs, Ct));
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
+      const T* Y = y.const_data_ptr<T>() + b * N * k;
+      const T scale = static_cast<T>(gp[b] / (double(k) * double(N) * double(N)));
+      at::parallel_for(0, N * k, 4096, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e)
+          W[e] = p == 1 ? scale * static_cast<T>((Y[e] > 0) - (Y[e] < 0)) : 2 * scale * Y[e];
+      });
+      if (gs.defined())
+        ffa_backward_one<T>(sample<T>(s3, b), z, W.data(), ps.const_data_ptr<T>() + b * Cs * k, k,
+                            T(eps), T(1), norm, scaled, Q, G, gs.data_ptr<T>() + b * Cs * N);
+      if (gt.defined())
+        ffa_backward_one<T>(sample<T>(t3, b), z, W.data(), pt.const_data_ptr<T>() + b * Ct * k, k,
+                            T(eps), T(-1), norm, scaled, Q, G, gt.data_ptr<T>() + b * Ct * N);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffa_loss_cpu(
