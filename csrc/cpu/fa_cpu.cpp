@@ -27,7 +27,7 @@
 namespace ffa::cpu {
 namespace {
 
-constexpr int64_t kTile = 128;
+constexpr int64_t kTile = 256;
 
 // Unit pixels of one sample: X = [u_S | u_T] and Xneg = [u_S | -u_T], both [N, Cs + Ct].
 template <typename scalar_t, typename acc_t>
@@ -172,10 +172,6 @@ template <typename scalar_t>
 void gram_of_sample(const UnitPair<scalar_t, double>& u, std::vector<double>& M) {
   gemm(true, false, u.K, u.K, u.N, 1.0, u.x.data(), u.K, u.x.data(), u.K, 0.0, M.data(), u.K);
 }
-
-// p=2 samples run in parallel when the batch covers the threads (each sample's GEMM single-threaded),
-// else one by one with parallel inner loops and a multi-threaded GEMM.
-inline int64_t sample_grain(int64_t B) { return B >= at::get_num_threads() ? 1 : B; }
 
 template <typename scalar_t>
 void fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::Tensor& out) {
