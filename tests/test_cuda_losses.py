@@ -142,11 +142,14 @@ def test_fa_backward(label, dtype, allow, shape, p, need_t):
 def test_fa_large_channels_take_the_simt_path(dtype):
     # K = 608 does not fit the resident tensor-core tiles in shared memory: SIMT fallback.
     s, t = make_pair(1, 300, 300, 9, 10, dtype, seed=3)
+    label = "bf16" if dtype == torch.bfloat16 else "fp16"
     want = _eager_fa(s.double(), t.double(), 1)
-    assert rel_err(ops.fa_loss(s, t, 1, EPS), want) <= 1e-3
+    torch_err = rel_err(_eager_fa(s, t, 1), want)
+    assert rel_err(ops.fa_loss(s, t, 1, EPS), want) <= _bound(label, torch_err)
     ws, _ = _grads(lambda a, b: _eager_fa(a, b, 1), s.double(), t.double())
+    es, _ = _grads(lambda a, b: _eager_fa(a, b, 1), s, t)
     gs, _ = _grads(lambda a, b: ops.fa_loss(a, b, 1, EPS), s, t)
-    assert rel_err(gs, ws) <= 2e-2
+    assert rel_err(gs, ws) <= 10 * _bound(label, rel_err(es, ws))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -305,11 +308,12 @@ def test_empty_and_tiny():
     assert ops.ffa_loss_philox(s, t, 4, 1, EPS, 0, 0)[0].shape == (0,)
     s, t = make_pair(3, 4, 2, 1, 1, torch.float32)  # N = 1
     for p in (1, 2):
+        # D_11 = |u_S|^2 - |u_T|^2 ~ 1e-6 (eps-sized): p = 1 agrees to float32 rounding of 1.
         torch.testing.assert_close(
             ops.fa_loss(s, t, p, EPS),
             ops.fa_loss(s.cpu(), t.cpu(), p, EPS).cuda(),
             rtol=1e-5,
-            atol=1e-7,
+            atol=1e-6 if p == 1 else 1e-12,
         )
 
 
