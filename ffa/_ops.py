@@ -24,7 +24,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _maybe_empty(like: torch.Tensor, wanted: bool) -> torch.Tensor:
-    return torch.empty_like(like, memory_format=torch.contiguous_format) if wanted else like.new_empty(0)
+    return (
+        torch.empty_like(like, memory_format=torch.contiguous_format)
+        if wanted
+        else like.new_empty(0)
+    )
 
 
 # ---- fake kernels: shapes and dtypes only --------------------------------------------------------
@@ -56,7 +60,7 @@ def _(grad, student, teacher, projection, y, p_s, p_t, p, eps, output_mask):
     return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
 
 
-# ---- autograd: backward is itself an op, so it also runs under torch.compile ----------------------
+# ---- autograd: backward is itself an op, so it also runs under torch.compile ------------------
 def _fa_setup(ctx, inputs, output):
     student, teacher, p, eps = inputs
     ctx.save_for_backward(student, teacher)

@@ -1,9 +1,9 @@
 """Functional feature-affinity losses: exact FA and the fast randomized FFA estimator.
 
-Definitions (Li, Yang, Yin, Qi, Xin, arXiv 2302.10899). Student S [B,Cs,H,W], teacher T [B,Ct,H',W'];
-Cs may differ from Ct. A teacher of another resolution is resized to (H,W) bilinearly with
-align_corners=True. N = H*W. Unit pixels u_i = s_i / (||s_i||_2 + eps) over channels (an all-zero pixel
-gives a zero vector), A = U^T U (N x N), D = A_S - A_T.
+Definitions (Li, Yang, Yin, Qi, Xin, arXiv 2302.10899). Student S [B,Cs,H,W], teacher
+T [B,Ct,H',W']; Cs may differ from Ct. A teacher of another resolution is resized to (H,W)
+bilinearly with align_corners=True. N = H*W. Unit pixels u_i = s_i / (||s_i||_2 + eps) over
+channels (an all-zero pixel gives a zero vector), A = U^T U (N x N), D = A_S - A_T.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def _prepare(student, teacher):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
         if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
@@ -56,7 +58,8 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
     r"""Exact feature-affinity loss, computed without the N x N matrices.
 
     Per sample: ``p=1`` gives :math:`\frac{1}{N^2}\sum_{ij}|D_{ij}|` (the paper's FA loss), ``p=2``
-    gives :math:`\frac{1}{N^2}\sum_{ij}D_{ij}^2`. ``reduction`` is ``"mean"`` over the batch (default),
+    gives :math:`\frac{1}{N^2}\sum_{ij}D_{ij}^2`. ``reduction`` is ``"mean"`` over the batch
+    (default),
     ``"sum"`` (p=1 "sum" is the value of the paper's released code) or ``"none"`` (shape [B]).
 
     p=1 runs a tiled O(N^2 C) kernel with O(N C) memory (symmetric: upper-triangle tiles only).
@@ -72,8 +75,8 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
 
     Returns:
         float32 (float64 for float64 inputs) scalar, or [B] with ``reduction="none"``. float16 and
-        bfloat16 inputs are accumulated in float32. An empty batch gives ``sum`` 0, ``none`` an empty
-        tensor, and ``mean`` NaN, as ``torch.mean`` of an empty tensor does.
+        bfloat16 inputs are accumulated in float32. An empty batch gives ``sum`` 0, ``none`` an
+        empty tensor, and ``mean`` NaN, as ``torch.mean`` of an empty tensor does.
     """
     _check_options(p, reduction, eps)
     student, teacher = _prepare(student, teacher)
@@ -126,9 +129,7 @@ def fast_feature_affinity_loss(
         if not projection.is_floating_point():
             raise TypeError(f"projection must have a floating-point dtype, got {projection.dtype}")
         if projection.device != student.device:
-            raise ValueError(
-                f"projection must be on {student.device}, got {projection.device}"
-            )
+            raise ValueError(f"projection must be on {student.device}, got {projection.device}")
         z = projection.detach()
         if z.dim() == 2:
             z = z.unsqueeze(0)
