@@ -59,8 +59,8 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
 
     Per sample: ``p=1`` gives :math:`\frac{1}{N^2}\sum_{ij}|D_{ij}|` (the paper's FA loss), ``p=2``
     gives :math:`\frac{1}{N^2}\sum_{ij}D_{ij}^2`. ``reduction`` is ``"mean"`` over the batch
-    (default),
-    ``"sum"`` (p=1 "sum" is the value of the paper's released code) or ``"none"`` (shape [B]).
+    (default), ``"sum"`` (p=1 "sum" is the value of the paper's released code) or ``"none"``
+    (shape [B]).
 
     p=1 runs a tiled O(N^2 C) kernel with O(N C) memory (symmetric: upper-triangle tiles only).
     p=2 uses the identity ||D||_F^2 = ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on
