@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import compute_dtype, ops
+from ._ops import compute_dtype, ops, philox_seed_offset
 from .reference import reduce, resize_teacher
 
 __all__ = ["feature_affinity_loss", "fast_feature_affinity_loss"]
@@ -52,6 +52,11 @@ def _prepare(student, teacher):
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     teacher = resize_teacher(teacher.to(dtype), student.shape[-2:])
     return student.to(dtype), teacher
+
+
+def _default_cuda_generator(device: torch.device) -> torch.Generator:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
 
 
 def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
@@ -110,7 +115,9 @@ def fast_feature_affinity_loss(
         student, teacher, p, reduction, eps: as in :func:`feature_affinity_loss`.
         k: number of probes (>= 1); ignored when ``projection`` is given.
         generator: the ``torch.Generator`` a fresh Z is drawn from on every call (default: the
-            device's default generator). ffa never reseeds any generator.
+            device's default generator). ffa never reseeds any generator. On CUDA (eager), Z is
+            generated inside the kernels from the generator's Philox seed and offset (advanced
+            the way torch's CUDA random ops do) and never stored.
         projection: an explicit Z, [N, k] (shared by the batch) or [B, N, k], used as given (a
             constant: no gradient flows to it); k is taken from it.
     """
@@ -122,6 +129,13 @@ def fast_feature_affinity_loss(
     if projection is None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if student.is_cuda and not torch.compiler.is_compiling():
+            # Z is generated inside the CUDA kernels from the generator's Philox (seed, offset) and
+            # never stored. Under torch.compile the traceable torch.randn path below is used.
+            gen = generator if generator is not None else _default_cuda_generator(student.device)
+            seed, offset = philox_seed_offset(gen, n * k)
+            loss = ops.ffa_loss_philox(student, teacher, k, p, float(eps), seed, offset)[0]
+            return reduce(loss, reduction)
         z = torch.randn((1, n, k), generator=generator, device=student.device, dtype=cdtype)
     else:
         if not isinstance(projection, torch.Tensor):
