@@ -335,7 +335,6 @@ def machine_info(device: str) -> dict:
         "cuda": torch.version.cuda,
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "memory_method": CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD,
     }
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,10 @@ def _loss_fn(method: str, p: int, compile_mode: str):
 
 def worker_available_bytes(device):
     return harness.available_bytes(device)
+
+
+def worker_machine_info(device):
+    return harness.machine_info(device)
 
 
 def run_case(*, method, p, batch, channels, height, width, k, mode, seed, seeds, device, warmup,
@@ -455,15 +460,8 @@ def parse_args(argv=None) -> Config:
 
 
 def _resolve(a) -> Config:
-    import torch
-
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda requested but no CUDA GPU is available (torch "
-                       f"{torch.__version__}, CUDA build: {torch.version.cuda})")
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = dict(DEFAULTS["quick" if a.quick else device])
-    if a.config != "sweep":  # named case lists: fixed shapes, as their user would compile them
-        d.update(compile="static", budget_s=3600.0, max_case_s=300.0, repeats=5)
+    # Everything that needs no torch is checked first, so bad input fails fast.
+    d = dict(DEFAULTS["quick" if a.quick else (a.device or "cpu")])
     for key in ("resolutions", "batch", "channels", "k", "warmup", "repeats", "seeds", "k_res",
                 "ks", "budget_s", "max_case_s", "compile"):
         v = getattr(a, key)
@@ -479,6 +477,8 @@ def _resolve(a) -> Config:
     res = [_resolution(tok.strip()) for tok in str(d["resolutions"]).split(",") if tok.strip()]
     if not res:
         raise BadInput("--resolutions is empty")
+    ps = _int_list(a.p, "--p", choices={1, 2})
+    ks = _int_list(str(d["ks"]), "--ks")
     if a.methods is None:
         methods = QUICK_METHODS.split(",") if a.quick else list(METHODS)
     else:
@@ -487,6 +487,27 @@ def _resolve(a) -> Config:
         if unknown or not methods:
             raise BadInput(f"unknown method(s) {unknown or a.methods!r}; choose from "
                            f"{', '.join(METHODS)}")
+
+    if a.device == "cpu":
+        device = "cpu"  # the parent never needs torch then: the worker imports it
+    else:
+        import torch
+
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise BadInput("--device cuda requested but no CUDA GPU is available (torch "
+                           f"{torch.__version__}, CUDA build: {torch.version.cuda})")
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.device is None and device == "cuda" and not a.quick:  # GPU defaults for what was not set
+        gd = DEFAULTS["cuda"]
+        for key in gd:
+            if getattr(a, key) is None:
+                d[key] = gd[key]
+        res = [_resolution(tok.strip()) for tok in str(d["resolutions"]).split(",")]
+        ks = _int_list(str(d["ks"]), "--ks")
+    if a.config != "sweep":  # named case lists: fixed shapes, compiled as their user would
+        for key, v in dict(compile="static", budget_s=3600.0, max_case_s=300.0, repeats=5).items():
+            if getattr(a, key) is None:
+                d[key] = v
     unavailable = {}
     if "keops_fa" in methods:
         ok, why = keops_available()
@@ -496,7 +517,7 @@ def _resolve(a) -> Config:
         device=device,
         mode=a.mode,
         methods=methods,
-        ps=_int_list(a.p, "--p", choices={1, 2}),
+        ps=ps,
         resolutions=res,
         batch=d["batch"],
         channels=d["channels"],
@@ -505,7 +526,7 @@ def _resolve(a) -> Config:
         repeats=d["repeats"],
         seeds=d["seeds"],
         k_res=d["k_res"],
-        ks=_int_list(str(d["ks"]), "--ks"),
+        ks=ks,
         budget_s=float(d["budget_s"]),
         max_case_s=float(d["max_case_s"]),
         compile=d["compile"],
@@ -638,6 +659,8 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.csv = harness.CsvLog(self.out / csv_name, COLUMNS)
         self.worker = harness.Worker(mem_limit_fraction=0.92 if cfg.device == "cpu" else None)
+        self.machine: dict = {}
+        self.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -658,6 +681,10 @@ class Runner:
         total = len(truth_shapes) + (1 if k_sweep_shape else 0) + len(cases)
         with self.worker, tqdm(total=total, desc=self.cfg.config, unit="job", file=sys.stderr,
                                dynamic_ncols=True) as bar:
+            bar.set_postfix_str("starting the worker")
+            r = self.worker.call(worker_machine_info, timeout=300, device=self.cfg.device)
+            self.machine = r.value if r.status == "ok" else {"error": r.detail}
+            self.machine["load_average_at_start"] = self.load_at_start
             for shape in truth_shapes:
                 bar.set_postfix_str(f"float64 truth {shape[2]}x{shape[3]}")
                 self._truth(shape)
@@ -969,13 +996,13 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
 
 
 def write_json(path: Path, cfg: Config, runner: Runner, extra: dict):
-    info = harness.machine_info(cfg.device)
+    info = runner.machine
     doc = {
         "machine": info,
         "args": asdict(cfg),
         "argv": sys.argv[1:],
         "mode": cfg.mode,
-        "memory_method": info["memory_method"],
+        "memory_method": info.get("memory_method"),
         "columns": COLUMN_DOC,
         "inputs": "teacher ~ N(0,1), student = teacher + N(0,1), float32, contiguous, same "
         "resolution; gradient w.r.t. the student only (teacher frozen); every method sees the "
@@ -1001,6 +1028,10 @@ def _print_report(runner: Runner, cfg: Config, lines: list[str], *, show_shape=F
         print("\nnotes:")
         for line in notes + runner.events:
             print("  " + line)
+    load = runner.load_at_start
+    if cfg.device == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"\nwarning: the machine was busy at the start (load average {load[0]:.1f} on "
+              f"{os.cpu_count()} cores): CPU timings are noisy; rerun on an idle machine")
     mem = ("GPU max_memory_allocated" if cfg.device == "cuda"
            else "CPU peak RSS of the worker process")
     print(f"\ntime: {cfg.mode} median (p20-p80) of the timed runs, ms; memory: {mem} above the "
