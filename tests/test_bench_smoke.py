@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,11 +83,10 @@ def test_bad_input_exits_2_without_traceback(args, message):
 
 
 def _import_bench(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    bench = str(ROOT / "benchmarks")
+    if bench not in sys.path:  # stays: spawned workers inherit sys.path to import the harness
+        sys.path.append(bench)
+    return __import__(name)
 
 
 def test_cuda_without_gpu_exits_2(capsys):
@@ -122,3 +124,36 @@ def test_percentile_matches_linear_interpolation():
     assert harness.percentile(xs, 20) == pytest.approx(1.8)
     assert harness.percentile(xs, 80) == pytest.approx(4.2)
     assert harness.percentile([7.0], 20) == 7.0
+
+
+# Jobs for the worker tests: module-level so the spawned worker can import them by reference.
+def _job_alloc(nbytes):
+    return len(bytearray(nbytes))
+
+
+def _job_die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _job_sleep(seconds):
+    time.sleep(seconds)
+
+
+def _job_raise():
+    raise ValueError("boom")
+
+
+def test_worker_records_oom_crash_and_timeout_as_results():
+    harness = _import_bench("harness")
+    with harness.Worker(mem_limit_fraction=None) as w:
+        assert w.call(_job_alloc, timeout=60, nbytes=1 << 20).value == 1 << 20
+        big = 4 * harness.available_bytes("cpu") + (64 << 30)  # more than RAM + swap: refused
+        r = w.call(_job_alloc, timeout=60, nbytes=big)
+        assert r.status == "oom", r
+        r = w.call(_job_raise, timeout=60)
+        assert r.status == "error" and "boom" in r.detail
+        r = w.call(_job_die, timeout=60)
+        assert r.status == "oom" and "SIGKILL" in r.detail  # the OOM killer's signature
+        r = w.call(_job_sleep, timeout=1, seconds=30)
+        assert r.status == "timeout"
+        assert w.call(_job_alloc, timeout=60, nbytes=10).value == 10  # a fresh worker took over
