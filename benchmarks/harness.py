@@ -465,8 +465,9 @@ class Worker:
             self._proc = None
             wall = time.perf_counter() - t0
             if code == -signal.SIGKILL:
-                return JobResult("oom", detail="worker killed (SIGKILL, likely the OOM killer)",
-                                 wall_s=wall)
+                return JobResult(
+                    "oom", detail="worker killed (SIGKILL, likely the OOM killer)", wall_s=wall
+                )
             return JobResult("error", detail=f"worker died with exit code {code}", wall_s=wall)
         wall = time.perf_counter() - t0
         if status == "ok":

@@ -73,8 +73,9 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
             mem = [(n, m) for n, m in mem if m is not None and m > 0]
             if mem:
                 xs, ys = zip(*mem, strict=True)
-                ax_m.plot(xs, ys, LINESTYLE.get(p, ":"), color=colour, marker="o", ms=4,
-                          label=label)
+                ax_m.plot(
+                    xs, ys, LINESTYLE.get(p, ":"), color=colour, marker="o", ms=4, label=label
+                )
         for r in rs:
             if r["status"] != "oom":
                 continue
@@ -83,17 +84,35 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
             m = _float(r["peak_mem_mb"])
             if m:
                 ax_m.plot([n], [m], "x", color=colour, ms=9, mew=2)
-            ax_t.plot([n], [0.96], "x", color=colour, ms=9, mew=2,
-                      transform=ax_t.get_xaxis_transform(), clip_on=False)
+            ax_t.plot(
+                [n],
+                [0.96],
+                "x",
+                color=colour,
+                ms=9,
+                mew=2,
+                transform=ax_t.get_xaxis_transform(),
+                clip_on=False,
+            )
     total = meta.get("machine", {}).get("gpu_memory_bytes") or meta.get("machine", {}).get(
-        "memory_total_bytes")
+        "memory_total_bytes"
+    )
     if total:
         ax_m.axhline(total / 2**20, color="grey", lw=1, ls=":")
-        ax_m.text(0.02, total / 2**20, f" device memory {total / 2**30:.0f} GiB", color="grey",
-                  va="bottom", fontsize=8, transform=ax_m.get_yaxis_transform())
+        ax_m.text(
+            0.02,
+            total / 2**20,
+            f" device memory {total / 2**30:.0f} GiB",
+            color="grey",
+            va="bottom",
+            fontsize=8,
+            transform=ax_m.get_yaxis_transform(),
+        )
     mode = meta.get("mode", "fwd_bwd")
-    for ax, ylabel in ((ax_t, f"{mode} time, ms (median, p20-p80 band)"),
-                       (ax_m, "peak memory above inputs, MiB")):
+    for ax, ylabel in (
+        (ax_t, f"{mode} time, ms (median, p20-p80 band)"),
+        (ax_m, "peak memory above inputs, MiB"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("N = H x W pixels")
@@ -109,8 +128,11 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
     c = rows[0]["channels"] if rows else "?"
     ks = sorted({r["k"] for r in rows if r["k"]})
     dev = meta.get("machine", {}).get("gpu_name") or meta.get("machine", {}).get("cpu_model", "")
-    fig.suptitle(f"FA vs FFA as resolution grows: B={b}, C={c}, k={','.join(ks) or '-'}, {mode}"
-                 f"  [{rows[0]['device'] if rows else ''}: {dev}]", fontsize=10)
+    fig.suptitle(
+        f"FA vs FFA as resolution grows: B={b}, C={c}, k={','.join(ks) or '-'}, {mode}"
+        f"  [{rows[0]['device'] if rows else ''}: {dev}]",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -137,8 +159,7 @@ def plot_error_vs_k(csv_path: Path, png_path: Path) -> Path:
         hi = [percentile(per_k[k], 80) for k in ks]
         ax.plot(ks, mean, "-o", color=colours.get(p), ms=4, label=f"FFA {what.get(p, p)}")
         ax.fill_between(ks, lo, hi, color=colours.get(p), alpha=0.2, lw=0)
-        ax.plot(ks, [mean[0] / math.sqrt(k / ks[0]) for k in ks], ":", color=colours.get(p),
-                lw=1)
+        ax.plot(ks, [mean[0] / math.sqrt(k / ks[0]) for k in ks], ":", color=colours.get(p), lw=1)
     ax.plot([], [], ":", color="grey", label="1/sqrt(k)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -149,8 +170,11 @@ def plot_error_vs_k(csv_path: Path, png_path: Path) -> Path:
     if rows:
         r = rows[0]
         seeds = len({x["seed"] for x in rows})
-        ax.set_title(f"FFA error vs k at {r['height']}x{r['width']}, B={r['batch']}, "
-                     f"C={r['channels']} ({seeds} projections each; band p20-p80)", fontsize=9)
+        ax.set_title(
+            f"FFA error vs k at {r['height']}x{r['width']}, B={r['batch']}, "
+            f"C={r['channels']} ({seeds} projections each; band p20-p80)",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -162,11 +186,13 @@ def plot_dir(folder) -> list[str]:
     folder = Path(folder)
     out = []
     if (folder / "resolution_sweep.csv").exists():
-        out.append(str(plot_sweep(folder / "resolution_sweep.csv",
-                                  folder / "resolution_sweep.png")))
+        out.append(
+            str(plot_sweep(folder / "resolution_sweep.csv", folder / "resolution_sweep.png"))
+        )
     if (folder / "ffa_error_vs_k.csv").exists():
-        out.append(str(plot_error_vs_k(folder / "ffa_error_vs_k.csv",
-                                       folder / "ffa_error_vs_k.png")))
+        out.append(
+            str(plot_error_vs_k(folder / "ffa_error_vs_k.csv", folder / "ffa_error_vs_k.png"))
+        )
     return out
 
 

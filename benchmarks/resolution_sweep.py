@@ -52,8 +52,19 @@ COLUMNS = [
     "status",
     "rel_err",
 ]
-K_COLUMNS = ["device", "height", "width", "channels", "batch", "k", "p", "seed", "value", "target",
-             "rel_err"]
+K_COLUMNS = [
+    "device",
+    "height",
+    "width",
+    "channels",
+    "batch",
+    "k",
+    "p",
+    "seed",
+    "value",
+    "target",
+    "rel_err",
+]
 
 COLUMN_DOC = {
     "fwd_bwd_ms_*": "median, 20th and 80th percentile of the timed runs in ms, for the JSON's mode "
@@ -180,11 +191,14 @@ def _loss_fn(method: str, p: int, compile_mode: str):
     if m.impl == "keops":
         return lambda s, t, z: _keops_fa(s, t, p)
     if m.family == "fa":
+
         def fn(s, t, z):
             return reference.fa_loss(s, t, p=p)
     else:
+
         def fn(s, t, z):
             return reference.ffa_loss(s, t, z, p=p)
+
     if not m.compiled:
         return fn
     if compile_mode == "dynamic":  # one compile serves every resolution of this worker
@@ -204,8 +218,24 @@ def worker_machine_info(device):
     return harness.machine_info(device)
 
 
-def run_case(*, method, p, batch, channels, height, width, k, mode, seed, seeds, device, warmup,
-             repeats, max_s, compile_mode):
+def run_case(
+    *,
+    method,
+    p,
+    batch,
+    channels,
+    height,
+    width,
+    k,
+    mode,
+    seed,
+    seeds,
+    device,
+    warmup,
+    repeats,
+    max_s,
+    compile_mode,
+):
     """Times one case; returns the measurement, the loss with projection 0 and the seed values."""
     import torch
 
@@ -218,20 +248,25 @@ def run_case(*, method, p, batch, channels, height, width, k, mode, seed, seeds,
     last = {}
 
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 loss = fn(s, t, z)
             last["loss"] = loss
             return loss
+
         pre = None
     elif mode == "fwd_bwd":
+
         def run():
             loss = fn(s, t, z)
             (g,) = torch.autograd.grad(loss, s)
             last["loss"] = loss.detach()
             return g
+
         pre = None
     else:
+
         def pre():
             loss = fn(s, t, z)
             last["loss"] = loss.detach()
@@ -318,14 +353,48 @@ def run_k_sweep(*, batch, channels, height, width, ks, ps, seeds, seed, device):
 # ----------------------------------------------------------------------------------- configuration
 
 DEFAULTS = {
-    "cpu": dict(resolutions="16,32,64,128,256", batch=2, channels=64, k=15, warmup=1, repeats=5,
-                seeds=8, k_res=64, ks="1,2,4,8,16,32,64", budget_s=240.0, max_case_s=30.0,
-                compile="static"),
-    "cuda": dict(resolutions="16,32,64,128,256,512", batch=2, channels=64, k=15, warmup=3,
-                 repeats=20, seeds=16, k_res=128, ks="1,2,4,8,16,32,64", budget_s=900.0,
-                 max_case_s=60.0, compile="static"),
-    "quick": dict(resolutions="8,16", batch=1, channels=8, k=4, warmup=1, repeats=2, seeds=3,
-                  k_res=16, ks="1,2,4,8", budget_s=60.0, max_case_s=5.0, compile="static"),
+    "cpu": dict(
+        resolutions="16,32,64,128,256",
+        batch=2,
+        channels=64,
+        k=15,
+        warmup=1,
+        repeats=5,
+        seeds=8,
+        k_res=64,
+        ks="1,2,4,8,16,32,64",
+        budget_s=240.0,
+        max_case_s=30.0,
+        compile="static",
+    ),
+    "cuda": dict(
+        resolutions="16,32,64,128,256,512",
+        batch=2,
+        channels=64,
+        k=15,
+        warmup=3,
+        repeats=20,
+        seeds=16,
+        k_res=128,
+        ks="1,2,4,8,16,32,64",
+        budget_s=900.0,
+        max_case_s=60.0,
+        compile="static",
+    ),
+    "quick": dict(
+        resolutions="8,16",
+        batch=1,
+        channels=8,
+        k=4,
+        warmup=1,
+        repeats=2,
+        seeds=3,
+        k_res=16,
+        ks="1,2,4,8",
+        budget_s=60.0,
+        max_case_s=5.0,
+        compile="static",
+    ),
 }
 QUICK_METHODS = "ffa_ffa,ffa_fa,reference_ffa,reference_fa"
 
@@ -384,15 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
             "overrun --budget-s, as skipped."
         ),
     )
-    ap.add_argument("--config", choices=["sweep", *SUITES], default="sweep",
-                    help="sweep (default): the resolution sweep; issue2: the foundation issue's "
-                    "headline cases with their targets (writes issue2.csv/json)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: cuda if available, else cpu")
+    ap.add_argument(
+        "--config",
+        choices=["sweep", *SUITES],
+        default="sweep",
+        help="sweep (default): the resolution sweep; issue2: the foundation issue's "
+        "headline cases with their targets (writes issue2.csv/json)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cuda if available, else cpu",
+    )
     ap.add_argument("--mode", choices=["fwd", "bwd", "fwd_bwd"], default="fwd_bwd")
-    ap.add_argument("--methods", default=None,
-                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; keops_fa "
-                    "only when pykeops imports)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all; keops_fa "
+        "only when pykeops imports)",
+    )
     ap.add_argument("--p", default="1,2", help="p values to run for every method (default 1,2)")
     ap.add_argument("--resolutions", default=None, help="comma-separated S or HxW")
     ap.add_argument("--batch", type=int, default=None)
@@ -400,27 +480,47 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-k", "--k", type=int, default=None, help="FFA probes (default 15)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--seeds", type=int, default=None,
-                    help="projections per FFA case for the error statistics")
-    ap.add_argument("--k-res", type=int, default=None,
-                    help="resolution (S for SxS) of the FFA error-vs-k figure")
+    ap.add_argument(
+        "--seeds", type=int, default=None, help="projections per FFA case for the error statistics"
+    )
+    ap.add_argument(
+        "--k-res",
+        type=int,
+        default=None,
+        help="resolution (S for SxS) of the FFA error-vs-k figure",
+    )
     ap.add_argument("--ks", default=None, help="k values of the error-vs-k figure")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget of the whole sweep; cases predicted to overrun it are "
-                    "skipped")
-    ap.add_argument("--max-case-s", type=float, default=None,
-                    help="time one case may spend in its timed runs; a case whose single run is "
-                    "predicted longer is skipped, repeats are cut to fit")
-    ap.add_argument("--compile", choices=["static", "dynamic"], default=None,
-                    help="torch.compile of the references: static (default) compiles for each "
-                    "shape, what a user at a fixed resolution gets; dynamic compiles once per "
-                    "method (cheaper to compile, but its CPU code measured ~250 ms per call at "
-                    "16x16 against 0.4 ms static, on a busy 2-core machine)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole sweep; cases predicted to overrun it are skipped",
+    )
+    ap.add_argument(
+        "--max-case-s",
+        type=float,
+        default=None,
+        help="time one case may spend in its timed runs; a case whose single run is "
+        "predicted longer is skipped, repeats are cut to fit",
+    )
+    ap.add_argument(
+        "--compile",
+        choices=["static", "dynamic"],
+        default=None,
+        help="torch.compile of the references: static (default) compiles for each "
+        "shape, what a user at a fixed resolution gets; dynamic compiles once per "
+        "method (cheaper to compile, but its CPU code measured ~250 ms per call at "
+        "16x16 against 0.4 ms static, on a busy 2-core machine)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None,
-                    help="output folder (default benchmarks/results/<device-tag>/)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a tiny configuration that finishes in seconds (smoke test)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/results/<device-tag>/)"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny configuration that finishes in seconds (smoke test)",
+    )
     ap.add_argument("--no-plot", action="store_true", help="write CSV/JSON only")
     return ap
 
@@ -463,8 +563,20 @@ def parse_args(argv=None) -> Config:
 def _resolve(a) -> Config:
     # Everything that needs no torch is checked first, so bad input fails fast.
     d = dict(DEFAULTS["quick" if a.quick else (a.device or "cpu")])
-    for key in ("resolutions", "batch", "channels", "k", "warmup", "repeats", "seeds", "k_res",
-                "ks", "budget_s", "max_case_s", "compile"):
+    for key in (
+        "resolutions",
+        "batch",
+        "channels",
+        "k",
+        "warmup",
+        "repeats",
+        "seeds",
+        "k_res",
+        "ks",
+        "budget_s",
+        "max_case_s",
+        "compile",
+    ):
         v = getattr(a, key)
         if v is not None:
             d[key] = v
@@ -486,8 +598,9 @@ def _resolve(a) -> Config:
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
-            raise BadInput(f"unknown method(s) {unknown or a.methods!r}; choose from "
-                           f"{', '.join(METHODS)}")
+            raise BadInput(
+                f"unknown method(s) {unknown or a.methods!r}; choose from {', '.join(METHODS)}"
+            )
 
     if a.device == "cpu":
         device = "cpu"  # the parent never needs torch then: the worker imports it
@@ -495,8 +608,10 @@ def _resolve(a) -> Config:
         import torch
 
         if a.device == "cuda" and not torch.cuda.is_available():
-            raise BadInput("--device cuda requested but no CUDA GPU is available (torch "
-                           f"{torch.__version__}, CUDA build: {torch.version.cuda})")
+            raise BadInput(
+                "--device cuda requested but no CUDA GPU is available (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda})"
+            )
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.device is None and device == "cuda" and not a.quick:  # GPU defaults for what was not set
         gd = DEFAULTS["cuda"]
@@ -631,13 +746,20 @@ class Row:
         if self.status == "oom" and peak is None:
             peak = self.predicted_bytes  # the prediction that kept it from running
         return {
-            "device": device, "method": s.method, "height": s.height, "width": s.width,
-            "channels": s.channels, "batch": s.batch,
+            "device": device,
+            "method": s.method,
+            "height": s.height,
+            "width": s.width,
+            "channels": s.channels,
+            "batch": s.batch,
             "k": s.k if METHODS[s.method].family == "ffa" else "",
-            "p": s.p, "fwd_bwd_ms_median": self.median_ms, "fwd_bwd_ms_p20": self.p20_ms,
+            "p": s.p,
+            "fwd_bwd_ms_median": self.median_ms,
+            "fwd_bwd_ms_p20": self.p20_ms,
             "fwd_bwd_ms_p80": self.p80_ms,
             "peak_mem_mb": None if peak is None else peak / MIB,
-            "status": self.status, "rel_err": self.rel_err,
+            "status": self.status,
+            "rel_err": self.rel_err,
         }
 
     def as_dict(self) -> dict:
@@ -680,8 +802,12 @@ class Runner:
 
         truth_shapes = sorted(set(truth_shapes), key=lambda s: (s[2] * s[3], s))
         total = len(truth_shapes) + (1 if k_sweep_shape else 0) + len(cases)
-        with self.worker, tqdm(total=total, desc=self.cfg.config, unit="job", file=sys.stderr,
-                               dynamic_ncols=True) as bar:
+        with (
+            self.worker,
+            tqdm(
+                total=total, desc=self.cfg.config, unit="job", file=sys.stderr, dynamic_ncols=True
+            ) as bar,
+        ):
             bar.set_postfix_str("starting the worker")
             r = self.worker.call(worker_machine_info, timeout=300, device=self.cfg.device)
             self.machine = r.value if r.status == "ok" else {"error": r.detail}
@@ -712,8 +838,17 @@ class Runner:
         if h_prev is not None:
             pred = h_prev.run_s * (b * n * n) / h_prev.n
         full = pred <= min(cfg.max_case_s, 0.1 * cfg.budget_s) and pred < self.budget_left()
-        r = self.worker.call(run_truth, timeout=max(120.0, 4 * pred), batch=b, channels=c,
-                             height=h, width=w, seed=cfg.seed, device=cfg.device, full=full)
+        r = self.worker.call(
+            run_truth,
+            timeout=max(120.0, 4 * pred),
+            batch=b,
+            channels=c,
+            height=h,
+            width=w,
+            seed=cfg.seed,
+            device=cfg.device,
+            full=full,
+        )
         if r.status != "ok":
             self.events.append(f"float64 truth at {h}x{w}: {r.status} {r.detail[:200]}")
             self.truth[shape] = {}
@@ -730,17 +865,37 @@ class Runner:
         b, c, h, w = shape
         truth = self.truth.get(shape, {})
         klog = harness.CsvLog(self.out / "ffa_error_vs_k.csv", K_COLUMNS)
-        r = self.worker.call(run_k_sweep, timeout=max(120.0, self.budget_left()), batch=b,
-                             channels=c, height=h, width=w, ks=cfg.ks, ps=cfg.ps,
-                             seeds=max(cfg.seeds, 2), seed=cfg.seed, device=cfg.device)
+        r = self.worker.call(
+            run_k_sweep,
+            timeout=max(120.0, self.budget_left()),
+            batch=b,
+            channels=c,
+            height=h,
+            width=w,
+            ks=cfg.ks,
+            ps=cfg.ps,
+            seeds=max(cfg.seeds, 2),
+            seed=cfg.seed,
+            device=cfg.device,
+        )
         if r.status != "ok":
             self.events.append(f"error-vs-k sweep: {r.status} {r.detail[:200]}")
             return
         for row in r.value:
             target = truth.get("fa_p2" if row["p"] == 2 else "ffa_p1_expectation")
             rel = abs(row["value"] - target) / target if target else None
-            klog.append({"device": cfg.device, "height": h, "width": w, "channels": c,
-                         "batch": b, "target": target, "rel_err": rel, **row})
+            klog.append(
+                {
+                    "device": cfg.device,
+                    "height": h,
+                    "width": w,
+                    "channels": c,
+                    "batch": b,
+                    "target": target,
+                    "rel_err": rel,
+                    **row,
+                }
+            )
 
     # ---- one case
     def _predict(self, spec: CaseSpec):
@@ -779,8 +934,9 @@ class Runner:
         free = self.free_bytes()
         if mem > 0.9 * free:
             row.status = "oom"
-            row.reason = (f"predicted {mem / 2**30:.2f} GiB > 90% of the {free / 2**30:.2f} GiB "
-                          "free: not run")
+            row.reason = (
+                f"predicted {mem / 2**30:.2f} GiB > 90% of the {free / 2**30:.2f} GiB free: not run"
+            )
             return row
         if run_s > cfg.max_case_s:
             row.status = "skipped"
@@ -797,15 +953,31 @@ class Runner:
         cost = overhead + (warmup + repeats) * run_s
         if cost > self.budget_left() - 5.0:
             row.status = "skipped"
-            row.reason = (f"predicted {cost:.0f} s would overrun --budget-s {cfg.budget_s:g} "
-                          f"({max(0.0, self.budget_left()):.0f} s left)")
+            row.reason = (
+                f"predicted {cost:.0f} s would overrun --budget-s {cfg.budget_s:g} "
+                f"({max(0.0, self.budget_left()):.0f} s left)"
+            )
             return row
         timeout = max(120.0, 4 * cost + (180.0 if overhead else 0.0))
-        r = self.worker.call(run_case, timeout=timeout, method=spec.method, p=spec.p,
-                             batch=spec.batch, channels=spec.channels, height=spec.height,
-                             width=spec.width, k=spec.k, mode=cfg.mode, seed=cfg.seed,
-                             seeds=cfg.seeds, device=cfg.device, warmup=warmup, repeats=repeats,
-                             max_s=cfg.max_case_s, compile_mode=cfg.compile)
+        r = self.worker.call(
+            run_case,
+            timeout=timeout,
+            method=spec.method,
+            p=spec.p,
+            batch=spec.batch,
+            channels=spec.channels,
+            height=spec.height,
+            width=spec.width,
+            k=spec.k,
+            mode=cfg.mode,
+            seed=cfg.seed,
+            seeds=cfg.seeds,
+            device=cfg.device,
+            warmup=warmup,
+            repeats=repeats,
+            max_s=cfg.max_case_s,
+            compile_mode=cfg.compile,
+        )
         row.detail["notes"] = notes
         if r.status != "ok":
             row.status = r.status
@@ -820,8 +992,11 @@ class Runner:
         notes.extend(v["notes"])
         warm_s = sum(v["warmup_ms"]) / 1e3 - len(v["warmup_ms"]) * v["median_ms"] / 1e3
         self.hist[(spec.method, spec.p, spec.batch, spec.channels, spec.k)] = History(
-            n=spec.n, run_s=v["median_ms"] / 1e3, peak_bytes=v["peak_bytes"],
-            overhead_s=max(0.0, warm_s) if (m.compiled or m.impl == "keops") else None)
+            n=spec.n,
+            run_s=v["median_ms"] / 1e3,
+            peak_bytes=v["peak_bytes"],
+            overhead_s=max(0.0, warm_s) if (m.compiled or m.impl == "keops") else None,
+        )
         row.rel_err, row.detail["accuracy"] = self._accuracy(spec, v["values"])
         return row
 
@@ -841,15 +1016,17 @@ class Runner:
             return None, acc
         signed = [(v - target) / target for v in values]
         mean_signed = sum(signed) / len(signed)
-        acc.update({
-            "target": target,
-            "target_is": "exact FA p=2" if p == 2 else "sqrt(2/pi) sum_i ||D_i||_2 / N^2",
-            "seeds": len(values),
-            "rel_err_abs_mean": sum(abs(x) for x in signed) / len(signed),
-            "rel_err_signed_mean": mean_signed,
-            "rel_err_std": _std(signed),
-            "ratio_to_target_mean": 1 + mean_signed,
-        })
+        acc.update(
+            {
+                "target": target,
+                "target_is": "exact FA p=2" if p == 2 else "sqrt(2/pi) sum_i ||D_i||_2 / N^2",
+                "seeds": len(values),
+                "rel_err_abs_mean": sum(abs(x) for x in signed) / len(signed),
+                "rel_err_signed_mean": mean_signed,
+                "rel_err_std": _std(signed),
+                "ratio_to_target_mean": 1 + mean_signed,
+            }
+        )
         return acc["rel_err_abs_mean"], acc
 
 
@@ -882,8 +1059,10 @@ def _x(v):
 
 def summary_table(rows: list[Row], *, show_shape=False) -> str:
     shape_h = f"{'B':>3} {'C':>4} " if show_shape else ""
-    head = (f"{'res':>9}  {shape_h}{'method':<30} {'time ms (p20-p80)':>26} {'peak MiB':>10}  "
-            f"{'status':<11} {'rel_err':>8}")
+    head = (
+        f"{'res':>9}  {shape_h}{'method':<30} {'time ms (p20-p80)':>26} {'peak MiB':>10}  "
+        f"{'status':<11} {'rel_err':>8}"
+    )
     lines = [head, "-" * len(head)]
     last = None
     for r in rows:
@@ -900,16 +1079,21 @@ def summary_table(rows: list[Row], *, show_shape=False) -> str:
             peak = "~" + _fmt_mb(r.predicted_bytes)
         err = f"{r.rel_err:.1e}" if r.rel_err is not None else "-"
         shape = f"{s.batch:>3} {s.channels:>4} " if show_shape else ""
-        lines.append(f"{res:>9}  {shape}{s.label():<30} {t:>26} {peak:>10}  {r.status:<11} "
-                     f"{err:>8}")
+        lines.append(
+            f"{res:>9}  {shape}{s.label():<30} {t:>26} {peak:>10}  {r.status:<11} {err:>8}"
+        )
     return "\n".join(lines)
 
 
 def _get(rows, method, p, res=None, status="ok"):
     for r in rows:
         s = r.spec
-        if (s.method == method and s.p == p and (res is None or (s.height, s.width) == res)
-                and (status is None or r.status == status)):
+        if (
+            s.method == method
+            and s.p == p
+            and (res is None or (s.height, s.width) == res)
+            and (status is None or r.status == status)
+        ):
             return r
     return None
 
@@ -927,9 +1111,14 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
     out = []
 
     def largest_common(m1, m2, p):
-        res = [(r.spec.height, r.spec.width) for r in rows if r.status == "ok"
-               and r.spec.method == m1 and r.spec.p == p
-               and _get(rows, m2, p, (r.spec.height, r.spec.width))]
+        res = [
+            (r.spec.height, r.spec.width)
+            for r in rows
+            if r.status == "ok"
+            and r.spec.method == m1
+            and r.spec.p == p
+            and _get(rows, m2, p, (r.spec.height, r.spec.width))
+        ]
         return max(res, key=lambda x: x[0] * x[1]) if res else None
 
     for p in cfg.ps:
@@ -937,8 +1126,10 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
         if res:
             f, ref = _get(rows, "ffa_fa", p, res), _get(rows, "reference_fa", p, res)
             what = "ffa exact FA p=1" if p == 1 else "ffa FA p=2"
-            line = f"at {res[0]}x{res[1]}: {what} {_x(_ratio(f, ref, 'median_ms'))} faster than " \
-                   "the reference"
+            line = (
+                f"at {res[0]}x{res[1]}: {what} {_x(_ratio(f, ref, 'median_ms'))} faster than "
+                "the reference"
+            )
             comp = _get(rows, "reference_fa_compiled", p, res)
             if comp:
                 line += f" ({_x(_ratio(f, comp, 'median_ms'))} vs torch.compile)"
@@ -950,8 +1141,10 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
         res = largest_common("ffa_ffa", "reference_ffa", p)
         if res:
             f, ref = _get(rows, "ffa_ffa", p, res), _get(rows, "reference_ffa", p, res)
-            line = (f"at {res[0]}x{res[1]}: ffa FFA p={p} (k={cfg.k}) "
-                    f"{_x(_ratio(f, ref, 'median_ms'))} faster than the reference FFA")
+            line = (
+                f"at {res[0]}x{res[1]}: ffa FFA p={p} (k={cfg.k}) "
+                f"{_x(_ratio(f, ref, 'median_ms'))} faster than the reference FFA"
+            )
             comp = _get(rows, "reference_ffa_compiled", p, res)
             if comp:
                 line += f" ({_x(_ratio(f, comp, 'median_ms'))} vs torch.compile)"
@@ -960,28 +1153,41 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
                 line += f", {_x(mem)} less memory"
             out.append(line)
     for p in cfg.ps:  # accuracy at the largest resolution that has it
-        cands = [r for r in rows if r.status == "ok" and r.spec.method == "ffa_ffa"
-                 and r.spec.p == p and r.detail.get("accuracy", {}).get("target")]
+        cands = [
+            r
+            for r in rows
+            if r.status == "ok"
+            and r.spec.method == "ffa_ffa"
+            and r.spec.p == p
+            and r.detail.get("accuracy", {}).get("target")
+        ]
         if not cands:
             continue
         r = max(cands, key=lambda r: r.spec.n)
         a, s = r.detail["accuracy"], r.spec
         if p == 2:
-            out.append(f"at {s.height}x{s.width}: FFA p=2 (k={s.k}) relative error to exact FA "
-                       f"p=2: mean |err| {a['rel_err_abs_mean']:.3g}, bias "
-                       f"{a['rel_err_signed_mean']:+.3g}, std {a['rel_err_std']:.3g} over "
-                       f"{a['seeds']} projections")
+            out.append(
+                f"at {s.height}x{s.width}: FFA p=2 (k={s.k}) relative error to exact FA "
+                f"p=2: mean |err| {a['rel_err_abs_mean']:.3g}, bias "
+                f"{a['rel_err_signed_mean']:+.3g}, std {a['rel_err_std']:.3g} over "
+                f"{a['seeds']} projections"
+            )
         else:
             vs_fa = ""
             if "ratio_to_fa_p1_mean" in a:
                 vs_fa = f"{a['ratio_to_fa_p1_mean']:.3g}x exact FA p=1 (not an estimate of it), "
-            out.append(f"at {s.height}x{s.width}: FFA p=1 (k={s.k}) = {vs_fa}"
-                       f"{a['ratio_to_target_mean']:.3g}x its expectation sqrt(2/pi) "
-                       f"sum_i ||D_i||/N^2 (std {a['rel_err_std']:.3g} over {a['seeds']} "
-                       "projections)")
+            out.append(
+                f"at {s.height}x{s.width}: FFA p=1 (k={s.k}) = {vs_fa}"
+                f"{a['ratio_to_target_mean']:.3g}x its expectation sqrt(2/pi) "
+                f"sum_i ||D_i||/N^2 (std {a['rel_err_std']:.3g} over {a['seeds']} "
+                "projections)"
+            )
     for p in cfg.ps:  # where the materialized reference stops and ffa goes on
-        oom = [r for r in rows if r.spec.method == "reference_fa" and r.spec.p == p
-               and r.status == "oom"]
+        oom = [
+            r
+            for r in rows
+            if r.spec.method == "reference_fa" and r.spec.p == p and r.status == "oom"
+        ]
         if not oom:
             continue
         r = min(oom, key=lambda r: r.spec.n)
@@ -990,8 +1196,7 @@ def headlines(rows: list[Row], cfg: Config) -> list[str]:
         need = f" (needs ~{r.predicted_bytes / 2**30:.0f} GiB)" if r.predicted_bytes else ""
         line = f"at {s.height}x{s.width}: the reference FA p={p} is out of memory{need}"
         if f:
-            line += (f"; ffa runs it in {_fmt_ms(f.median_ms)} ms with "
-                     f"{_fmt_mb(f.peak_bytes)} MiB")
+            line += f"; ffa runs it in {_fmt_ms(f.median_ms)} ms with {_fmt_mb(f.peak_bytes)} MiB"
         out.append(line)
     return out
 
@@ -1024,22 +1229,33 @@ def _print_report(runner: Runner, cfg: Config, lines: list[str], *, show_shape=F
     rows = runner.rows if show_shape else _display_order(runner.rows)
     print()
     print(summary_table(rows, show_shape=show_shape))
-    notes = [f"{r.spec.height}x{r.spec.width} {r.spec.label()}: {r.status}: {r.reason}"
-             for r in rows if r.reason]
-    notes += [f"{r.spec.height}x{r.spec.width} {r.spec.label()}: {n}"
-              for r in rows for n in r.detail.get("notes", [])]
+    notes = [
+        f"{r.spec.height}x{r.spec.width} {r.spec.label()}: {r.status}: {r.reason}"
+        for r in rows
+        if r.reason
+    ]
+    notes += [
+        f"{r.spec.height}x{r.spec.width} {r.spec.label()}: {n}"
+        for r in rows
+        for n in r.detail.get("notes", [])
+    ]
     if notes or runner.events:
         print("\nnotes:")
         for line in notes + runner.events:
             print("  " + line)
     load = runner.load_at_start
     if cfg.device == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"\nwarning: the machine was busy at the start (load average {load[0]:.1f} on "
-              f"{os.cpu_count()} cores): CPU timings are noisy; rerun on an idle machine")
-    mem = ("GPU max_memory_allocated" if cfg.device == "cuda"
-           else "CPU peak RSS of the worker process")
-    print(f"\ntime: {cfg.mode} median (p20-p80) of the timed runs, ms; memory: {mem} above the "
-          "inputs (JSON: memory_method); oom peak '~' = predicted; rel_err: JSON columns.rel_err")
+        print(
+            f"\nwarning: the machine was busy at the start (load average {load[0]:.1f} on "
+            f"{os.cpu_count()} cores): CPU timings are noisy; rerun on an idle machine"
+        )
+    mem = (
+        "GPU max_memory_allocated" if cfg.device == "cuda" else "CPU peak RSS of the worker process"
+    )
+    print(
+        f"\ntime: {cfg.mode} median (p20-p80) of the timed runs, ms; memory: {mem} above the "
+        "inputs (JSON: memory_method); oom peak '~' = predicted; rel_err: JSON columns.rel_err"
+    )
     if lines:
         print("\nheadline:")
         for line in lines:
@@ -1055,8 +1271,13 @@ def plan_sweep(cfg: Config) -> list[CaseSpec]:
     the budget runs short it is the most expensive baseline points that are skipped, each with its
     reason in the JSON and the notes.
     """
-    cases = [CaseSpec(name, p, cfg.batch, cfg.channels, h, w, cfg.k)
-             for h, w in cfg.resolutions for name in ORDER if name in cfg.methods for p in cfg.ps]
+    cases = [
+        CaseSpec(name, p, cfg.batch, cfg.channels, h, w, cfg.k)
+        for h, w in cfg.resolutions
+        for name in ORDER
+        if name in cfg.methods
+        for p in cfg.ps
+    ]
 
     def phase(c: CaseSpec) -> int:
         m = METHODS[c.method]
@@ -1074,10 +1295,12 @@ def _display_order(rows: list[Row]) -> list[Row]:
 def run_sweep(cfg: Config) -> int:
     runner = Runner(cfg, "resolution_sweep.csv")
     shape = (cfg.batch, cfg.channels)
-    print(f"resolution sweep on {cfg.device} ({harness.device_tag(cfg.device)}): mode {cfg.mode}, "
-          f"B={cfg.batch}, C={cfg.channels}, k={cfg.k}, resolutions "
-          f"{', '.join(f'{h}x{w}' for h, w in cfg.resolutions)}, budget {cfg.budget_s:g} s",
-          flush=True)
+    print(
+        f"resolution sweep on {cfg.device} ({harness.device_tag(cfg.device)}): mode {cfg.mode}, "
+        f"B={cfg.batch}, C={cfg.channels}, k={cfg.k}, resolutions "
+        f"{', '.join(f'{h}x{w}' for h, w in cfg.resolutions)}, budget {cfg.budget_s:g} s",
+        flush=True,
+    )
     cases = plan_sweep(cfg)
     truth = [(*shape, h, w) for h, w in cfg.resolutions]
     ksh = (*shape, cfg.k_res, cfg.k_res)
@@ -1121,8 +1344,9 @@ def _cases_issue2():
         CaseSpec("reference_fa_compiled", 1, 4, c, 64, 64, 15, name="fa1_64_compiled"),
         CaseSpec("reference_fa", 1, 4, c, 64, 64, 15, name="fa1_64_reference"),
         CaseSpec("ffa_fa", 1, 2, c, 128, 128, 15, name="fa1_128_ffa", repeats=1),
-        CaseSpec("reference_fa", 1, 2, c, 128, 128, 15, name="fa1_128_reference", warmup=0,
-                 repeats=1),
+        CaseSpec(
+            "reference_fa", 1, 2, c, 128, 128, 15, name="fa1_128_reference", warmup=0, repeats=1
+        ),
         CaseSpec("ffa_fa", 2, 2, c, 128, 128, 15, name="fa2_128_ffa"),
         CaseSpec("reference_fa", 2, 2, c, 128, 128, 15, name="fa2_128_reference"),
         CaseSpec("ffa_ffa", 1, 8, c, 128, 128, 15, name="ffa_128_ffa"),
@@ -1135,18 +1359,48 @@ SUITES = {
     "issue2": dict(
         cases=_cases_issue2,
         targets=[
-            Target("exact FA p=1, B=4, C=64, 64x64, vs torch.compile(reference)", "time",
-                   "fa1_64_ffa", "fa1_64_compiled", 1.5, 3.0),
-            Target("exact FA p=1, B=4, C=64, 64x64, vs the eager reference", "time", "fa1_64_ffa",
-                   "fa1_64_reference"),
-            Target("exact FA p=1, B=2, C=64, 128x128, peak memory vs the reference", "memory",
-                   "fa1_128_ffa", "fa1_128_reference", 20.0),
-            Target("exact FA p=2, B=2, C=64, 128x128, vs the reference", "time", "fa2_128_ffa",
-                   "fa2_128_reference", 50.0),
-            Target("FFA p=1, B=8, C=64, 128x128, k=15, vs torch.compile(reference FFA)", "time",
-                   "ffa_128_ffa", "ffa_128_compiled", 1.3, 2.0),
-            Target("FFA p=1, B=8, C=64, 128x128, k=15, vs the eager reference FFA", "time",
-                   "ffa_128_ffa", "ffa_128_reference"),
+            Target(
+                "exact FA p=1, B=4, C=64, 64x64, vs torch.compile(reference)",
+                "time",
+                "fa1_64_ffa",
+                "fa1_64_compiled",
+                1.5,
+                3.0,
+            ),
+            Target(
+                "exact FA p=1, B=4, C=64, 64x64, vs the eager reference",
+                "time",
+                "fa1_64_ffa",
+                "fa1_64_reference",
+            ),
+            Target(
+                "exact FA p=1, B=2, C=64, 128x128, peak memory vs the reference",
+                "memory",
+                "fa1_128_ffa",
+                "fa1_128_reference",
+                20.0,
+            ),
+            Target(
+                "exact FA p=2, B=2, C=64, 128x128, vs the reference",
+                "time",
+                "fa2_128_ffa",
+                "fa2_128_reference",
+                50.0,
+            ),
+            Target(
+                "FFA p=1, B=8, C=64, 128x128, k=15, vs torch.compile(reference FFA)",
+                "time",
+                "ffa_128_ffa",
+                "ffa_128_compiled",
+                1.3,
+                2.0,
+            ),
+            Target(
+                "FFA p=1, B=8, C=64, 128x128, k=15, vs the eager reference FFA",
+                "time",
+                "ffa_128_ffa",
+                "ffa_128_reference",
+            ),
         ],
         note="the foundation issue's numbers to reach: fwd+bwd, median of >= 5 runs (the 128x128 "
         "p=1 memory cases: 1 run), static torch.compile per case",
@@ -1158,8 +1412,11 @@ def run_suite(cfg: Config, name: str) -> int:
     suite = SUITES[name]
     cases = [s for s in suite["cases"]() if s.method in cfg.methods]
     runner = Runner(cfg, f"{name}.csv")
-    print(f"{name} cases on {cfg.device} ({harness.device_tag(cfg.device)}): mode {cfg.mode}; "
-          f"{suite['note']}", flush=True)
+    print(
+        f"{name} cases on {cfg.device} ({harness.device_tag(cfg.device)}): mode {cfg.mode}; "
+        f"{suite['note']}",
+        flush=True,
+    )
     runner.run(cases, truth_shapes=[s.shape_key for s in cases])
     by_name = {r.spec.name: r for r in runner.rows}
     results, lines = [], []

@@ -17,15 +17,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "benchmarks" / "resolution_sweep.py"
 COLUMNS = [
-    "device", "method", "height", "width", "channels", "batch", "k", "p", "fwd_bwd_ms_median",
-    "fwd_bwd_ms_p20", "fwd_bwd_ms_p80", "peak_mem_mb", "status", "rel_err",
+    "device",
+    "method",
+    "height",
+    "width",
+    "channels",
+    "batch",
+    "k",
+    "p",
+    "fwd_bwd_ms_median",
+    "fwd_bwd_ms_p20",
+    "fwd_bwd_ms_p80",
+    "peak_mem_mb",
+    "status",
+    "rel_err",
 ]
 
 
 def _run(*args, timeout=240):
     # cwd away from the repo root: the plain ffa/ folder there must not shadow the installed package
-    return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT / "benchmarks")
+    return subprocess.run(
+        [sys.executable, str(SWEEP), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT / "benchmarks",
+    )
 
 
 def test_quick_sweep_writes_csv_json_and_plots(tmp_path):
@@ -41,8 +58,11 @@ def test_quick_sweep_writes_csv_json_and_plots(tmp_path):
     assert {r["method"] for r in rows} == {"ffa_ffa", "ffa_fa", "reference_ffa", "reference_fa"}
     assert all(r["status"] == "ok" for r in rows), rows
     for row in rows:
-        assert float(row["fwd_bwd_ms_p20"]) <= float(row["fwd_bwd_ms_median"]) <= float(
-            row["fwd_bwd_ms_p80"])
+        assert (
+            float(row["fwd_bwd_ms_p20"])
+            <= float(row["fwd_bwd_ms_median"])
+            <= float(row["fwd_bwd_ms_p80"])
+        )
         assert float(row["peak_mem_mb"]) >= 0
     exact = [r for r in rows if r["method"] in ("ffa_fa", "reference_fa")]
     assert all(float(r["rel_err"]) < 1e-4 for r in exact)  # float32 vs the float64 truth
@@ -58,8 +78,13 @@ def test_quick_sweep_writes_csv_json_and_plots(tmp_path):
     assert "headline:" in r.stdout and "faster than the reference" in r.stdout
     # the figures are redrawn from the CSV alone
     (out / "resolution_sweep.png").unlink()
-    r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(out)],
-                        capture_output=True, text=True, timeout=120, cwd=ROOT / "benchmarks")
+    r2 = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT / "benchmarks",
+    )
     assert r2.returncode == 0, r2.stderr
     assert (out / "resolution_sweep.png").exists()
 
