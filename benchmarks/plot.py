@@ -36,6 +36,10 @@ def _float(v):
     return None if math.isnan(x) else x
 
 
+def _n(row) -> int:
+    return int(row["height"]) * int(row["width"])
+
+
 def _meta(folder: Path, stem: str) -> dict:
     try:
         return json.loads((folder / f"{stem}.json").read_text())
@@ -48,92 +52,97 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = read_csv(csv_path)
     meta = _meta(csv_path.parent, csv_path.stem)
     series = defaultdict(list)
     for r in rows:
         series[(r["method"], int(r["p"]))].append(r)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.8))
+    handles = []
     oom_seen = False
     for (method, p), rs in sorted(series.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         colour, name = STYLE.get(method, ("black", method))
-        label = f"{name} p={p}"
-        rs = sorted(rs, key=lambda r: int(r["height"]) * int(r["width"]))
+        style = LINESTYLE.get(p, ":")
+        handles.append(
+            Line2D([], [], color=colour, ls=style, marker="o", ms=4, label=f"{name} p={p}")
+        )
+        rs = sorted(rs, key=lambda r: _n(r))
         ok = [r for r in rs if r["status"] == "ok"]
-        n_ok = [int(r["height"]) * int(r["width"]) for r in ok]
+        n_ok = [_n(r) for r in ok]
         t = [_float(r["fwd_bwd_ms_median"]) for r in ok]
         lo = [_float(r["fwd_bwd_ms_p20"]) for r in ok]
         hi = [_float(r["fwd_bwd_ms_p80"]) for r in ok]
         if ok:
-            ax_t.plot(n_ok, t, LINESTYLE.get(p, ":"), color=colour, marker="o", ms=4, label=label)
+            ax_t.plot(n_ok, t, style, color=colour, marker="o", ms=4)
             if all(v is not None for v in lo + hi):
                 ax_t.fill_between(n_ok, lo, hi, color=colour, alpha=0.15, lw=0)
             mem = [(n, _float(r["peak_mem_mb"])) for n, r in zip(n_ok, ok, strict=True)]
             mem = [(n, m) for n, m in mem if m is not None and m > 0]
             if mem:
                 xs, ys = zip(*mem, strict=True)
-                ax_m.plot(
-                    xs, ys, LINESTYLE.get(p, ":"), color=colour, marker="o", ms=4, label=label
-                )
+                ax_m.plot(xs, ys, style, color=colour, marker="o", ms=4)
         for r in rs:
             if r["status"] != "oom":
                 continue
             oom_seen = True
-            n = int(r["height"]) * int(r["width"])
             m = _float(r["peak_mem_mb"])
             if m:
-                ax_m.plot([n], [m], "x", color=colour, ms=9, mew=2)
-            ax_t.plot(
-                [n],
-                [0.96],
-                "x",
-                color=colour,
-                ms=9,
+                ax_m.plot([_n(r)], [m], "x", color=colour, ms=9, mew=2)
+            top = ax_t.get_xaxis_transform()
+            ax_t.plot([_n(r)], [0.96], "x", color=colour, ms=9, mew=2, transform=top, clip_on=False)
+    if oom_seen:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="x",
+                color="black",
+                ms=8,
                 mew=2,
-                transform=ax_t.get_xaxis_transform(),
-                clip_on=False,
+                label="out of memory (at its predicted memory; not run)",
             )
-    total = meta.get("machine", {}).get("gpu_memory_bytes") or meta.get("machine", {}).get(
-        "memory_total_bytes"
-    )
+        )
+    machine = meta.get("machine", {})
+    total = machine.get("gpu_memory_bytes") or machine.get("memory_total_bytes")
     if total:
         ax_m.axhline(total / 2**20, color="grey", lw=1, ls=":")
         ax_m.text(
-            0.02,
+            0.98,
             total / 2**20,
-            f" device memory {total / 2**30:.0f} GiB",
+            f"device memory {total / 2**30:.0f} GiB",
             color="grey",
+            ha="right",
             va="bottom",
             fontsize=8,
             transform=ax_m.get_yaxis_transform(),
         )
     mode = meta.get("mode", "fwd_bwd")
+    sizes = sorted({(_n(r), f"{r['height']}x{r['width']}") for r in rows})
     for ax, ylabel in (
         (ax_t, f"{mode} time, ms (median, p20-p80 band)"),
-        (ax_m, "peak memory above inputs, MiB"),
+        (ax_m, "peak memory above the inputs, MiB"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("N = H x W pixels")
+        ax.set_xticks([n for n, _ in sizes], [label for _, label in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("resolution H x W (log N)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
-    ax_t.legend(fontsize=7, loc="upper left")
-    if oom_seen:
-        ax_m.plot([], [], "x", color="black", label="out of memory (predicted; not run)")
-        ax_t.plot([], [], "x", color="black", label="out of memory")
-        ax_m.legend(fontsize=7, loc="upper left")
-        ax_t.legend(fontsize=7, loc="upper left")
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     b = rows[0]["batch"] if rows else "?"
     c = rows[0]["channels"] if rows else "?"
     ks = sorted({r["k"] for r in rows if r["k"]})
-    dev = meta.get("machine", {}).get("gpu_name") or meta.get("machine", {}).get("cpu_model", "")
+    dev = machine.get("gpu_name") or machine.get("cpu_model", "")
     fig.suptitle(
         f"FA vs FFA as resolution grows: B={b}, C={c}, k={','.join(ks) or '-'}, {mode}"
         f"  [{rows[0]['device'] if rows else ''}: {dev}]",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil(len(handles) / 4), 1, 1))
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
