@@ -65,10 +65,11 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
     for (method, p), rs in sorted(series.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         colour, name = STYLE.get(method, ("black", method))
         style = LINESTYLE.get(p, ":")
-        handles.append(
-            Line2D([], [], color=colour, ls=style, marker="o", ms=4, label=f"{name} p={p}")
-        )
         rs = sorted(rs, key=lambda r: _n(r))
+        if any(r["status"] in ("ok", "oom") for r in rs):  # all skipped: nothing to draw
+            handles.append(
+                Line2D([], [], color=colour, ls=style, marker="o", ms=4, label=f"{name} p={p}")
+            )
         ok = [r for r in rs if r["status"] == "ok"]
         n_ok = [_n(r) for r in ok]
         t = [_float(r["fwd_bwd_ms_median"]) for r in ok]
