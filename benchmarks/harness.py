@@ -39,7 +39,9 @@ CPU_MEMORY_METHOD = (
     "CPU: peak resident set (VmHWM) of the benchmark worker process during one full run (the last "
     "warm-up run) minus its resident set just before it; before that run the worker runs gc and "
     "malloc_trim and resets VmHWM via /proc/self/clear_refs, so every page the run touches counts "
-    "(tensors, kernel workspaces, thread stacks), and the inputs, allocated before, do not"
+    "(tensors, kernel workspaces, thread stacks), and the inputs, allocated before, do not. "
+    "One-time costs of a process's first call (thread pools, library initialisation, a few MiB) "
+    "are excluded: this is the steady-state memory of a training step"
 )
 CUDA_MEMORY_METHOD = (
     "CUDA: torch.cuda.max_memory_allocated during one full run (the last warm-up run) minus "
