@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,30 +174,48 @@ def _int_list(text: str, name: str, *, choices=None) -> list[int]:
     return vals
 
 
-def build_parser() -> argparse.ArgumentParser:
+METHOD_HELP = {
+    "ffa_ffa": "ffa.fast_feature_affinity_loss with an explicit projection Z [N, k]",
+    "ffa_fa": "ffa.feature_affinity_loss (tiled O(N^2 C) for p=1, channel Grams for p=2)",
+    "reference_ffa": "ffa.reference.ffa_loss with the same Z",
+    "reference_ffa_compiled": "torch.compile of it",
+    "reference_fa": "ffa.reference.fa_loss: the paper's formulation, B x N x N matrices",
+    "reference_fa_compiled": "torch.compile of it",
+    "keops_fa": "pykeops LazyTensor exact FA (when pykeops imports)",
+}
+
+
+def _epilog() -> str:
     cpu, gpu, q = DEFAULTS["cpu"], DEFAULTS["cuda"], DEFAULTS["quick"]
+    paragraphs = [
+        f"Defaults on CPU: resolutions {cpu['resolutions']}, B={cpu['batch']}, "
+        f"C={cpu['channels']} (student and teacher), k={cpu['k']}, {cpu['repeats']} timed runs "
+        f"after {cpu['warmup']} warm-up, {cpu['seeds']} projection seeds, budget "
+        f"{cpu['budget_s']:g} s, at most {cpu['max_case_s']:g} s per case.",
+        f"Defaults on CUDA: resolutions {gpu['resolutions']}, B={gpu['batch']}, "
+        f"C={gpu['channels']}, k={gpu['k']}, {gpu['repeats']} runs after {gpu['warmup']} "
+        f"warm-up, {gpu['seeds']} seeds, budget {gpu['budget_s']:g} s.",
+        f"--quick: resolutions {q['resolutions']}, B={q['batch']}, C={q['channels']}, "
+        f"k={q['k']}, methods {QUICK_METHODS}.",
+        "Modes: fwd = forward without autograd (inference); bwd = backward only (the forward "
+        "is run untimed before each run); fwd_bwd = forward + gradient w.r.t. the student "
+        "(teacher frozen), as in distillation.",
+        "Cases predicted to need more than the free memory are recorded as oom without "
+        "running; cases predicted to take longer than --max-case-s per run, or to overrun "
+        "--budget-s, as skipped (the reason is in the notes and the JSON).",
+    ]
+    text = "\n\n".join(textwrap.fill(p, 79) for p in paragraphs)
+    methods = "\n".join(f"  {name:<24}{what}" for name, what in METHOD_HELP.items())
+    return f"methods:\n{methods}\n\n{text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="resolution_sweep.py",
         description="Time and peak memory of exact FA (materialized reference, ffa), FA p=2 and "
         "FFA as feature-map resolution grows; FFA's error against exact FA; FFA error vs k.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            f"Defaults on CPU: resolutions {cpu['resolutions']}, B={cpu['batch']}, "
-            f"C={cpu['channels']} (student and teacher), k={cpu['k']}, {cpu['repeats']} timed runs "
-            f"after {cpu['warmup']} warm-up, {cpu['seeds']} projection seeds, budget "
-            f"{cpu['budget_s']:g} s.\n"
-            f"Defaults on CUDA: resolutions {gpu['resolutions']}, B={gpu['batch']}, "
-            f"C={gpu['channels']}, k={gpu['k']}, {gpu['repeats']} runs after {gpu['warmup']} "
-            f"warm-up, {gpu['seeds']} seeds, budget {gpu['budget_s']:g} s.\n"
-            f"--quick: resolutions {q['resolutions']}, B={q['batch']}, C={q['channels']}, "
-            f"k={q['k']}, methods {QUICK_METHODS}.\n"
-            "Modes: fwd = forward without autograd (inference); bwd = backward only (the forward "
-            "is run untimed before each run); fwd_bwd = forward + gradient w.r.t. the student "
-            "(teacher frozen), as in distillation.\n"
-            "Cases that are predicted to need more than the free memory are recorded as oom "
-            "without running; cases predicted to take longer than --max-case-s per run, or to "
-            "overrun --budget-s, as skipped."
-        ),
+        epilog=_epilog(),
     )
     ap.add_argument(
         "--config",
@@ -215,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all; keops_fa "
-        "only when pykeops imports)",
+        help="comma-separated method names (below; default: all, keops_fa only when pykeops "
+        "imports)",
     )
     ap.add_argument(
         "--p",
@@ -1021,6 +1040,31 @@ def plan_sweep(cfg: Config) -> list[CaseSpec]:
     return sorted(cases, key=lambda c: (phase(c), c.n))  # stable: method order within a size
 
 
+def _ffa_p1_vs_exact(rows: list[Row]) -> None:
+    """FFA p=1 against exact FA p=1 where the float64 truth was too costly: ffa's own value."""
+    for r in rows:
+        acc = r.detail.get("accuracy")
+        if r.status != "ok" or r.spec.p != 1 or acc is None or "ratio_to_fa_p1_mean" in acc:
+            continue
+        if METHODS[r.spec.method].family != "ffa":
+            continue
+        exact = next(
+            (
+                x
+                for x in rows
+                if x.status == "ok"
+                and x.spec.method == "ffa_fa"
+                and x.spec.p == 1
+                and x.spec.shape_key == r.spec.shape_key
+            ),
+            None,
+        )
+        if exact is not None and exact.detail.get("values"):
+            fa1 = exact.detail["values"][0]
+            acc["ratio_to_fa_p1_mean"] = sum(acc["values"]) / len(acc["values"]) / fa1
+            acc["fa_p1_source"] = "ffa exact FA p=1 (float32) at this shape"
+
+
 def _display_order(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (r.spec.n, ORDER.index(r.spec.method), r.spec.p))
 
@@ -1038,6 +1082,7 @@ def run_sweep(cfg: Config) -> int:
     truth = [(*shape, h, w) for h, w in cfg.resolutions]
     ksh = (*shape, cfg.k_res, cfg.k_res)
     runner.run(cases, truth_shapes=truth + [ksh], k_sweep_shape=ksh)
+    _ffa_p1_vs_exact(runner.rows)
     lines = headlines(runner.rows, cfg)
     write_json(runner.out / "resolution_sweep.json", cfg, runner, {"headline": lines})
     plots = []
