@@ -542,6 +542,11 @@ class Runner:
     def budget_left(self) -> float:
         return self.cfg.budget_s - self.elapsed()
 
+    def _timeout(self, generous: float) -> float:
+        """A job's kill time: generous against a wrong prediction, but never far past the budget
+        (a killed job is recorded as "timeout" and the sweep goes on)."""
+        return max(30.0, min(max(120.0, generous), self.budget_left() + 30.0))
+
     def free_bytes(self) -> int:
         if self.cfg.device == "cpu":
             return harness.available_bytes("cpu")
@@ -591,7 +596,7 @@ class Runner:
         full = pred <= min(cfg.max_case_s, 0.1 * cfg.budget_s) and pred < self.budget_left()
         r = self.worker.call(
             run_truth,
-            timeout=max(120.0, 4 * pred),
+            timeout=self._timeout(4 * pred),
             batch=b,
             channels=c,
             height=h,
@@ -618,7 +623,7 @@ class Runner:
         klog = harness.CsvLog(self.out / "ffa_error_vs_k.csv", K_COLUMNS)
         r = self.worker.call(
             run_k_sweep,
-            timeout=max(120.0, self.budget_left()),
+            timeout=self._timeout(self.budget_left()),
             batch=b,
             channels=c,
             height=h,
@@ -709,10 +714,9 @@ class Runner:
                 f"({max(0.0, self.budget_left()):.0f} s left)"
             )
             return row
-        timeout = max(120.0, 4 * cost + (180.0 if overhead else 0.0))
         r = self.worker.call(
             run_case,
-            timeout=timeout,
+            timeout=self._timeout(4 * cost + (180.0 if overhead else 0.0)),
             method=spec.method,
             p=spec.p,
             batch=spec.batch,
