@@ -343,6 +343,7 @@ def machine_info(device: str) -> dict:
         import ffa
 
         info["ffa"] = getattr(ffa, "__version__", "unknown")
+        info["ffa_path"] = str(Path(ffa.__file__).parent)
     except ImportError as e:  # the sweep can still time the reference
         info["ffa"] = f"not importable: {e}"
     if device == "cuda":
