@@ -529,6 +529,7 @@ class Runner:
         self.csv = harness.CsvLog(self.out / csv_name, COLUMNS)
         self.worker = harness.Worker(mem_limit_fraction=0.92 if cfg.device == "cpu" else None)
         self.machine: dict = {}
+        self.failed: dict[tuple, tuple] = {}  # (method, p, B, C, k) -> (N, status, where)
         self.load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     def elapsed(self) -> float:
@@ -681,6 +682,12 @@ class Runner:
         if spec.method in cfg.unavailable:
             row.status, row.reason = "unavailable", cfg.unavailable[spec.method]
             return row
+        failed = self.failed.get((spec.method, spec.p, spec.batch, spec.channels, spec.k))
+        if failed is not None and spec.n >= failed[0]:  # it will not get better at a larger N
+            status, where = failed[1], failed[2]
+            row.status = "oom" if status == "oom" else "skipped"
+            row.reason = f"{status} at {where}, a smaller size: not run"
+            return row
         mem, run_s, overhead = self._predict(spec)
         row.predicted_bytes, row.predicted_run_s = mem, run_s
         free = self.free_bytes()
@@ -735,6 +742,8 @@ class Runner:
             row.reason = r.detail.splitlines()[0][:300] if r.detail else ""
             if r.status == "error":
                 row.detail["error"] = r.detail
+            key = (spec.method, spec.p, spec.batch, spec.channels, spec.k)
+            self.failed[key] = (spec.n, r.status, f"{spec.height}x{spec.width}")
             return row
         v = r.value
         row.median_ms, row.p20_ms, row.p80_ms = v["median_ms"], v["p20_ms"], v["p80_ms"]
