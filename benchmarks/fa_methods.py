@@ -8,6 +8,8 @@ are the priors the sweep uses before a method has a measurement of its own.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -62,9 +64,11 @@ ORDER = list(METHODS)  # within a resolution: ffa first, then the references, ke
 
 
 def keops_available() -> tuple[bool, str]:
+    """Run in the worker (it imports torch): whether pykeops imports, and why not."""
     try:
-        import pykeops  # noqa: F401
-        from pykeops.torch import LazyTensor  # noqa: F401
+        with contextlib.redirect_stdout(io.StringIO()):  # its import banner is noise here
+            import pykeops  # noqa: F401
+            from pykeops.torch import LazyTensor  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return False, f"pykeops not importable ({type(e).__name__}: {str(e)[:120]})"
     return True, ""
