@@ -8,7 +8,7 @@ without being run, cases predicted to blow the time budget as "skipped" (with th
 
 Methods (``--help`` lists them): the materialized reference ffa.reference (the tests' oracle, the
 paper's formulation) and torch.compile of it, ffa's exact FA and FFA kernels, and pykeops when it
-imports; each at p=1 and p=2.
+imports; at p=1 (the paper's) and p=2 (see --help for which run which by default).
 
 Outputs (benchmarks/results/<device-tag>/ unless --out): resolution_sweep.csv, .json, .png,
 ffa_error_vs_k.csv, ffa_error_vs_k.png. ``--config issue2`` runs the foundation issue's headline
@@ -986,7 +986,9 @@ def write_json(path: Path, cfg: Config, runner: Runner, extra: dict):
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
-def _print_report(runner: Runner, cfg: Config, lines: list[str], *, show_shape=False):
+def _print_report(
+    runner: Runner, cfg: Config, lines: list[str], written, *, show_shape=False, title="headline"
+):
     rows = runner.rows if show_shape else _display_order(runner.rows)
     print()
     print(summary_table(rows, show_shape=show_shape))
@@ -1020,8 +1022,9 @@ def _print_report(runner: Runner, cfg: Config, lines: list[str], *, show_shape=F
         f"\ntime: {cfg.mode} median (p20-p80) of the timed runs, ms; memory: {mem} above the "
         "inputs (JSON: memory_method); oom peak '~' = predicted; rel_err: JSON columns.rel_err"
     )
-    if lines:
-        print("\nheadline:")
+    print(f"\nwrote {', '.join(written)} to {cfg.out} in {runner.elapsed():.0f} s")
+    if lines:  # last, so the headline is what the terminal shows
+        print(f"\n{title}:")
         for line in lines:
             print("  " + line)
 
@@ -1107,10 +1110,8 @@ def run_sweep(cfg: Config) -> int:
             plots = plot.plot_dir(cfg.out)
         except ImportError as e:
             runner.events.append(f"no plots: {e} (pip install matplotlib)")
-    _print_report(runner, cfg, lines)
     names = ["resolution_sweep.csv", "resolution_sweep.json", "ffa_error_vs_k.csv"]
-    names += [Path(p).name for p in plots]
-    print(f"\nwrote {', '.join(names)} to {cfg.out} in {runner.elapsed():.0f} s")
+    _print_report(runner, cfg, lines, names + [Path(p).name for p in plots])
     return 0
 
 
@@ -1227,11 +1228,8 @@ def run_suite(cfg: Config, name: str) -> int:
         lines.append(f"{verdict:>4}  {t.text}: {_x(ratio)} {word}{goal}")
         results.append({**asdict(t), "ratio": ratio, "verdict": verdict})
     write_json(runner.out / f"{name}.json", cfg, runner, {"suite": name, "targets": results})
-    _print_report(runner, cfg, [], show_shape=True)
-    print(f"\n{name} targets:")
-    for line in lines:
-        print("  " + line)
-    print(f"\nwrote {name}.csv, {name}.json to {cfg.out} in {runner.elapsed():.0f} s")
+    written = [f"{name}.csv", f"{name}.json"]
+    _print_report(runner, cfg, lines, written, show_shape=True, title=f"{name} targets")
     return 0
 
 
