@@ -182,3 +182,22 @@ def test_worker_records_oom_crash_and_timeout_as_results():
         r = w.call(_job_sleep, timeout=1, seconds=30)
         assert r.status == "timeout"
         assert w.call(_job_alloc, timeout=60, nbytes=10).value == 10  # a fresh worker took over
+
+
+def test_case_that_cannot_fit_is_recorded_oom_without_running(tmp_path, monkeypatch):
+    sweep = _import_bench("resolution_sweep")
+    cfg = sweep.parse_args(["--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    runner = sweep.Runner(cfg, "oom.csv")
+    monkeypatch.setattr(runner, "free_bytes", lambda: 256 << 20)
+    spec = sweep.CaseSpec("reference_fa", 1, 2, 64, 64, 64, 15)
+    row = runner._case(spec)
+    assert row.status == "oom" and "not run" in row.reason
+    assert row.predicted_bytes >= 4 * 2 * (64 * 64) ** 2 * 4  # four B x N x N float32 matrices
+    assert runner.worker._proc is None  # nothing was started, let alone run
+    csv_row = row.csv_row("cpu")
+    assert csv_row["status"] == "oom"
+    assert csv_row["peak_mem_mb"] == row.predicted_bytes / 2**20
+    slow = sweep.CaseSpec("ffa_fa", 1, 2, 64, 2048, 2048, 15)  # O(N^2): days per run
+    monkeypatch.setattr(runner, "free_bytes", lambda: 64 << 30)
+    row = runner._case(slow)
+    assert row.status == "skipped" and "--max-case-s" in row.reason
