@@ -268,7 +268,7 @@ def measure(
         times.append(_run_timed(run, device, pre))
         spent = time.perf_counter() - t_start
         if max_s is not None and len(times) < repeats and spent + times[-1] / 1e3 > max_s:
-            notes.append(f"{len(times)} of {repeats} repeats: --max-case-s {max_s:g} s reached")
+            notes.append(f"{len(times)} of {repeats} repeats: the case's {max_s:g} s were spent")
             break
     return Measurement(times, warm, mem.peak_bytes, notes)
 
