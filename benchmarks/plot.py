@@ -53,6 +53,7 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
 
     rows = read_csv(csv_path)
     meta = _meta(csv_path.parent, csv_path.stem)
@@ -129,7 +130,7 @@ def plot_sweep(csv_path: Path, png_path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([n for n, _ in sizes], [label for _, label in sizes])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("resolution H x W (log N)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
@@ -154,6 +155,7 @@ def plot_error_vs_k(csv_path: Path, png_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     rows = [r for r in read_csv(csv_path) if _float(r["rel_err"]) is not None]
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
@@ -173,6 +175,9 @@ def plot_error_vs_k(csv_path: Path, png_path: Path) -> Path:
     ax.plot([], [], ":", color="grey", label="1/sqrt(k)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    all_k = sorted({int(r["k"]) for r in rows})
+    ax.set_xticks(all_k, [str(k) for k in all_k])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("k (Gaussian probes)")
     ax.set_ylabel("relative error |L_k - target| / target")
     ax.grid(True, which="major", alpha=0.3)
