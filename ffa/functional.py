@@ -19,7 +19,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_options(p, reduction, eps):
-    if isinstance(p, bool) or p not in (1, 2):
+    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
