@@ -24,9 +24,9 @@ TORCH_LIBRARY(ffa, m) {
       "-> (Tensor, Tensor)");
   // FFA with the probes regenerated from a counter-based generator instead of a projection tensor:
   // Z[i, j] = the (i * k + j)-th normal of Philox4x32-10 at (seed, offset) (csrc/philox.h), [N, k]
-  // shared by the batch. The CUDA kernels never store Z; the CPU kernel regenerates the same values.
-  // offset is a torch Philox offset (a multiple of 4); a call consumes 4 * ceil(N k / 4) of it.
-  // Outputs and backward as ffa_loss / ffa_loss_backward.
+  // shared by the batch. The CUDA kernels never store Z; the CPU kernel regenerates the same
+  // values. offset is a torch Philox offset (a multiple of 4); a call consumes 4 * ceil(N k / 4) of
+  // it. Outputs and backward as ffa_loss / ffa_loss_backward.
   m.def(
       "ffa_loss_philox(Tensor student, Tensor teacher, int k, int p, float eps, int seed, "
       "int offset) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -1,14 +1,14 @@
-// Counter-based Gaussian probes for FFA: Z[i, j] is a pure function of (seed, offset, i * k + j), so
-// the CUDA kernels regenerate Z on the fly (never stored) and the CPU fallback regenerates the same
-// values. Torch-free and CUDA-free: compiled by g++ (CPU op) and nvcc (kernels) alike.
+// Counter-based Gaussian probes for FFA: Z[i, j] is a pure function of (seed, offset, i * k + j),
+// so the CUDA kernels regenerate Z on the fly (never stored) and the CPU fallback regenerates the
+// same values. Torch-free and CUDA-free: compiled by g++ (CPU op) and nvcc (kernels) alike.
 //
 // Generator: Philox4x32-10 (Salmon et al., SC'11; same rounds and constants as Random123 and
-// curand_Philox4x32_10). Element e = i * k + j of the [N, k] probe matrix (shared by the batch) uses
-// block g = e / 4 with the 128-bit counter (lo64 = offset / 4 + g, hi64 = 0) and key = seed, lane
-// e % 4 of the 4 outputs. `offset` is the torch.Generator's Philox offset (counted in 32-bit draws,
-// a multiple of 4, as torch's CUDA generator counts it); a call consumes philox_increment(N * k)
-// draws, so the caller advances the generator by that much and calls never overlap.
-// Normals: Box-Muller on the pairs (r0, r1) and (r2, r3), evaluated in double:
+// curand_Philox4x32_10). Element e = i * k + j of the [N, k] probe matrix (shared by the batch)
+// uses block g = e / 4 with the 128-bit counter (lo64 = offset / 4 + g, hi64 = 0) and key = seed,
+// lane e % 4 of the 4 outputs. `offset` is the torch.Generator's Philox offset (counted in 32-bit
+// draws, a multiple of 4, as torch's CUDA generator counts it); a call consumes philox_increment(N
+// * k) draws, so the caller advances the generator by that much and calls never overlap. Normals:
+// Box-Muller on the pairs (r0, r1) and (r2, r3), evaluated in double:
 //   u1 = (r0 + 1) 2^-32 in (0, 1], u2 = r1 2^-32, z0 = sqrt(-2 ln u1) cos(2 pi u2), z1 = ... sin.
 // The 32-bit stream is bitwise identical on host and device; after the double transform only libm's
 // last-ulp differences remain, which rounding to float almost always hides (|dz| <= ~1e-15 |z|).
@@ -58,8 +58,9 @@ FFA_HD uint64_t philox_increment(uint64_t n) { return (n + 3) / 4 * 4; }
 // Four standard normals z[4g .. 4g+3] of block g.
 FFA_HD void normal4(uint64_t seed, uint64_t offset, uint64_t g, double z[4]) {
   const uint64_t ctr = offset / 4 + g;
-  const U4 r = philox4x32_10(U4{static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u},
-                             static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const U4 r =
+      philox4x32_10(U4{static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u},
+                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   constexpr double kInv2p32 = 2.3283064365386963e-10;  // 2^-32
   constexpr double kTwoPi = 6.283185307179586;
   const uint32_t a[2] = {r.x, r.z}, b[2] = {r.y, r.w};

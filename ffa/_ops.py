@@ -42,17 +42,21 @@ def _(grad, student, teacher, p, eps, output_mask):
     return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
 
 
-@torch.library.register_fake("ffa::ffa_loss")
-def _(student, teacher, projection, p, eps):
+def _ffa_outputs(student, teacher, k):
+    """loss [B], Y [B,N,k], P_S [B,Cs,k], P_T [B,Ct,k] in the compute dtype."""
     b, cs, h, w = student.shape
-    ct, k = teacher.shape[1], projection.shape[2]
     dt = compute_dtype(student.dtype)
     return (
         student.new_empty(b, dtype=dt),
         student.new_empty(b, h * w, k, dtype=dt),
         student.new_empty(b, cs, k, dtype=dt),
-        student.new_empty(b, ct, k, dtype=dt),
+        student.new_empty(b, teacher.shape[1], k, dtype=dt),
     )
+
+
+@torch.library.register_fake("ffa::ffa_loss")
+def _(student, teacher, projection, p, eps):
+    return _ffa_outputs(student, teacher, projection.shape[2])
 
 
 @torch.library.register_fake("ffa::ffa_loss_backward")
@@ -100,15 +104,7 @@ torch.library.register_autograd("ffa::ffa_loss", _ffa_backward, setup_context=_f
 # ---- FFA with on-the-fly Philox probes (ffa_loss_philox) -----------------------------------------
 @torch.library.register_fake("ffa::ffa_loss_philox")
 def _(student, teacher, k, p, eps, seed, offset):
-    b, cs, h, w = student.shape
-    ct = teacher.shape[1]
-    dt = compute_dtype(student.dtype)
-    return (
-        student.new_empty(b, dtype=dt),
-        student.new_empty(b, h * w, k, dtype=dt),
-        student.new_empty(b, cs, k, dtype=dt),
-        student.new_empty(b, ct, k, dtype=dt),
-    )
+    return _ffa_outputs(student, teacher, k)
 
 
 @torch.library.register_fake("ffa::ffa_loss_philox_backward")

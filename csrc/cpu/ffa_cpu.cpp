@@ -9,9 +9,10 @@
 // Tiling: pixel blocks of kBlock. Forward = two passes over each feature map (norms + P; then Y and
 // the reduction), backward = two passes (norms + Q; then dL/dU and the chain rule), each pass
 // reading a block once while it is hot in cache. GEMMs read the features in place (NCHW or
-// channels_last). FLOPs: 4 N C k per map forward and backward; the floor is memory: 2 reads of S and
-// T forward, 2 reads + 1 write backward. Y [B, N, k] is the one O(N k) intermediate (kept for the
-// backward). Partial P/Q per block are summed in block order: deterministic for any thread count.
+// channels_last). FLOPs: 4 N C k per map forward and backward; the floor is memory: 2 reads of S
+// and T forward, 2 reads + 1 write backward. Y [B, N, k] is the one O(N k) intermediate (kept for
+// the backward). Partial P/Q per block are summed in block order: deterministic for any thread
+// count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,9 +27,9 @@
 namespace ffa::cpu {
 namespace {
 
-// One sample's features as a GEMM operand: element (c, i) at ptr[c * cs + i * ps], ps == 1 or cs == 1.
-// As a row-major [C x N] matrix that is (ptr, ld) untransposed when ps == 1 (NCHW), transposed when
-// cs == 1 (channels_last).
+// One sample's features as a GEMM operand: element (c, i) at ptr[c * cs + i * ps], ps == 1 or cs
+// == 1. As a row-major [C x N] matrix that is (ptr, ld) untransposed when ps == 1 (NCHW),
+// transposed when cs == 1 (channels_last).
 template <typename T>
 struct Features {
   const T* ptr;
@@ -88,7 +89,8 @@ void sum_parts(const std::vector<T>& parts, int64_t n, T* out) {
 
 template <typename T>
 void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tensor& z3, int64_t p,
-                      double eps_d, at::Tensor& loss, at::Tensor& y, at::Tensor& ps, at::Tensor& pt) {
+                      double eps_d, at::Tensor& loss, at::Tensor& y, at::Tensor& ps,
+                      at::Tensor& pt) {
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
   const int64_t nblk = at::divup(N, kBlock);
   const T eps = T(eps_d);
@@ -116,7 +118,8 @@ void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tens
         const int64_t nb = i1 - i0;
         std::vector<T> yt(nb * k);
         T* Yb = Y + i0 * k;
-        gemm(S.pixel_fast(), false, nb, k, Cs, T(1), S.ptr + i0 * S.v.ps, S.ld(), Ps, k, T(0), Yb, k);
+        gemm(S.pixel_fast(), false, nb, k, Cs, T(1), S.ptr + i0 * S.v.ps, S.ld(), Ps, k, T(0), Yb,
+             k);
         gemm(Tt.pixel_fast(), false, nb, k, Ct, T(1), Tt.ptr + i0 * Tt.v.ps, Tt.ld(), Pt, k, T(0),
              yt.data(), k);
         T acc = 0;
@@ -201,9 +204,7 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffa_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& projection, int64_t p,
     double eps) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_args(student, teacher, p, eps);
   check_projection(projection, student);
   const auto s3 = gemm_ready(student), t3 = gemm_ready(teacher);
   const auto z3 = projection.to(s3.scalar_type()).contiguous();
@@ -221,16 +222,15 @@ std::tuple<at::Tensor, at::Tensor> ffa_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& projection, const at::Tensor& y, const at::Tensor& p_s, const at::Tensor& p_t,
     int64_t p, double eps, std::array<bool, 2> mask) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_args(student, teacher, p, eps);
   check_projection(projection, student);
   const auto s3 = gemm_ready(student), t3 = gemm_ready(teacher);
   const auto dt = s3.scalar_type();
   const auto z3 = projection.to(dt).contiguous();
   const int64_t B = s3.size(0), N = s3.size(2), k = z3.size(2);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "grad must have shape [B]");
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({B, N, k}) && y.scalar_type() == dt, "y must be [B,N,k]");
+  check_loss_grad(grad, B);
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({B, N, k}) && y.scalar_type() == dt,
+              "y must be [B,N,k]");
   TORCH_CHECK(p_s.sizes() == at::IntArrayRef({B, s3.size(1), k}) && p_s.scalar_type() == dt,
               "p_s must be [B,Cs,k]");
   TORCH_CHECK(p_t.sizes() == at::IntArrayRef({B, t3.size(1), k}) && p_t.scalar_type() == dt,

@@ -33,7 +33,8 @@ at::Tensor philox_probes(const at::Tensor& student, int64_t k, int64_t seed, int
       for (int64_t g = g0; g < g1; ++g) {
         double v[4];
         philox::normal4(s, o, static_cast<uint64_t>(g), v);
-        for (int64_t h = 0; h < 4 && 4 * g + h < n; ++h) zp[4 * g + h] = static_cast<scalar_t>(v[h]);
+        for (int64_t h = 0; h < 4 && 4 * g + h < n; ++h)
+          zp[4 * g + h] = static_cast<scalar_t>(v[h]);
       }
     });
   });
@@ -44,10 +45,10 @@ FfaOut ffa_loss_philox_cpu(const at::Tensor& student, const at::Tensor& teacher,
                            int64_t p, double eps, int64_t seed, int64_t offset) {
   check_feature_pair(student, teacher);
   const auto z = philox_probes(student, k, seed, offset);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ffa::ffa_loss", "")
-          .typed<FfaOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ffa::ffa_loss", "")
+                             .typed<FfaOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           int64_t, double)>();
   return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), student, teacher, z, p, eps);
 }
 
@@ -57,13 +58,12 @@ std::tuple<at::Tensor, at::Tensor> ffa_loss_philox_backward_cpu(
     double eps, int64_t seed, int64_t offset, std::array<bool, 2> mask) {
   check_feature_pair(student, teacher);
   const auto z = philox_probes(student, k, seed, offset);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ffa::ffa_loss_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-              std::array<bool, 2>)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ffa::ffa_loss_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, int64_t, double, std::array<bool, 2>)>();
   return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), grad, student, teacher, z, y,
                        p_s, p_t, p, eps, mask);
 }

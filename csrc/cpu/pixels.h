@@ -90,8 +90,8 @@ void unit_pixels_backward_range(const scalar_t* x, PixelView v, int64_t i0, int6
       const scalar_t* xc = x + c * v.cs + b0 * v.ps;
       scalar_t* out = grad_x + c * v.N + b0;
       for (int64_t i = 0; i < nb; ++i)
-        out[i] = static_cast<scalar_t>(gb[i * ldg + c] * a[i] -
-                                       static_cast<acc_t>(xc[i * v.ps]) * b[i]);
+        out[i] =
+            static_cast<scalar_t>(gb[i * ldg + c] * a[i] - static_cast<acc_t>(xc[i * v.ps]) * b[i]);
     }
   }
 }

@@ -81,7 +81,7 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 at::Tensor grad_as_double(const at::Tensor& grad, const at::Tensor& student) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "grad must have shape [B]");
+  check_loss_grad(grad, student.size(0));
   check_same_device(grad, student, "grad");
   return grad.to(at::kDouble).contiguous();
 }
@@ -144,8 +144,7 @@ std::tuple<at::Tensor, at::Tensor> fa_l2_backward(const at::Tensor& grad, const 
 at::Tensor fa_loss_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
                         double eps) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
@@ -169,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor> fa_loss_backward_cuda(const at::Tensor& grad,
                                                          const at::Tensor& teacher, int64_t p,
                                                          double eps, std::array<bool, 2> mask) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   const auto g = grad_as_double(grad, student);
@@ -260,8 +258,7 @@ at::Tensor probes_of(const at::Tensor& projection, const at::Tensor& student, Pr
 FfaOut ffa_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                      const at::Tensor& projection, int64_t p, double eps) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const c10::cuda::CUDAGuard guard(student.device());
   Probes z{};
   const auto z3 = probes_of(projection, student, z);
@@ -273,8 +270,7 @@ std::tuple<at::Tensor, at::Tensor> ffa_loss_backward_cuda(
     const at::Tensor& projection, const at::Tensor& y, const at::Tensor& p_s, const at::Tensor& p_t,
     int64_t p, double eps, std::array<bool, 2> mask) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const c10::cuda::CUDAGuard guard(student.device());
   Probes z{};
   const auto z3 = probes_of(projection, student, z);
@@ -291,8 +287,7 @@ Probes philox_probes(int64_t k, int64_t seed, int64_t offset) {
 FfaOut ffa_loss_philox_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t k,
                             int64_t p, double eps, int64_t seed, int64_t offset) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const Probes z = philox_probes(k, seed, offset);
   const c10::cuda::CUDAGuard guard(student.device());
   return ffa_forward_common(student, teacher, k, p, eps, z);
@@ -303,8 +298,7 @@ std::tuple<at::Tensor, at::Tensor> ffa_loss_philox_backward_cuda(
     const at::Tensor& y, const at::Tensor& p_s, const at::Tensor& p_t, int64_t k, int64_t p,
     double eps, int64_t seed, int64_t offset, std::array<bool, 2> mask) {
   check_cuda_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_options(p, eps);
   const Probes z = philox_probes(k, seed, offset);
   const c10::cuda::CUDAGuard guard(student.device());
   return ffa_backward_common(grad, student, teacher, y, p_s, p_t, k, p, eps, z, mask);
