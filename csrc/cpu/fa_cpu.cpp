@@ -27,7 +27,7 @@
 namespace ffa::cpu {
 namespace {
 
-constexpr int64_t kTile = 128;
+constexpr int64_t kTile = 256;
 
 // Unit pixels of one sample: X = [u_S | u_T] and Xneg = [u_S | -u_T], both [N, Cs + Ct].
 template <typename scalar_t, typename acc_t>
@@ -158,8 +158,8 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
     });
     const acc_t scale = static_cast<acc_t>(2.0 * gp[b] / (double(N) * N));
     if (need_s)
-      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), gbuf.data(), Kg,
-                                            scale, gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
+      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), gbuf.data(), Kg, scale,
+                                            gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
     if (need_t)
       unit_pixels_backward<scalar_t, acc_t>(tp, vt, u.nt.data(), acc_t(eps),
                                             gbuf.data() + (need_s ? Cs : 0), Kg, scale,
@@ -179,21 +179,27 @@ void fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::T
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), K = Cs + Ct;
   const PixelView vs{Cs, N, s3.stride(1), s3.stride(2)};
   const PixelView vt{Ct, N, t3.stride(1), t3.stride(2)};
-  std::vector<double> M(K * K);
-  for (int64_t b = 0; b < B; ++b) {
-    UnitPair<scalar_t, double> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
-                                 t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, eps, false);
-    gram_of_sample(u, M);
-    double ss = 0, tt = 0, st = 0;
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < K; ++j) {
-        const double m2 = M[i * K + j] * M[i * K + j];
-        if (i < Cs && j < Cs) ss += m2;
-        else if (i >= Cs && j >= Cs) tt += m2;
-        else st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
-      }
-    out.data_ptr<acc_t>()[b] = static_cast<acc_t>((ss + tt - st) / (double(N) * N));
-  }
+  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
+    std::vector<double> M(K * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      UnitPair<scalar_t, double> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
+                                   t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, eps,
+                                   false);
+      gram_of_sample(u, M);
+      double ss = 0, tt = 0, st = 0;
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) {
+          const double m2 = M[i * K + j] * M[i * K + j];
+          if (i < Cs && j < Cs)
+            ss += m2;
+          else if (i >= Cs && j >= Cs)
+            tt += m2;
+          else
+            st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
+        }
+      out.data_ptr<acc_t>()[b] = static_cast<acc_t>((ss + tt - st) / (double(N) * N));
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -206,38 +212,43 @@ void fa_l2_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
   const int64_t c0 = need_s ? 0 : Cs, Kg = (need_s ? Cs : 0) + (need_t ? Ct : 0);
   const auto g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
-  std::vector<double> M(K * K), G(N * Kg);
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
-    const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
-    UnitPair<scalar_t, double> u(sp, vs, tp, vt, eps, false);
-    gram_of_sample(u, M);
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < K; ++j)
-        if ((i < Cs) != (j < Cs)) M[i * K + j] = -M[i * K + j];
-    // G [N x Kg] = 4 g / N^2 * X [N x K] W[:, c0:c0+Kg] [K x Kg]
-    const double alpha = 4.0 * gp[b] / (double(N) * N);
-    gemm(false, false, N, Kg, K, alpha, u.x.data(), K, M.data() + c0, K, 0.0, G.data(), Kg);
-    if (need_s)
-      unit_pixels_backward<scalar_t, double>(sp, vs, u.ns.data(), eps, G.data(), Kg, 1.0,
-                                             gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
-    if (need_t)
-      unit_pixels_backward<scalar_t, double>(tp, vt, u.nt.data(), eps, G.data() + (need_s ? Cs : 0),
-                                             Kg, 1.0, gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
-  }
+  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
+    std::vector<double> M(K * K), G(N * Kg);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
+      const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
+      UnitPair<scalar_t, double> u(sp, vs, tp, vt, eps, false);
+      gram_of_sample(u, M);
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j)
+          if ((i < Cs) != (j < Cs)) M[i * K + j] = -M[i * K + j];
+      // G [N x Kg] = 4 g / N^2 * X [N x K] W[:, c0:c0+Kg] [K x Kg]
+      const double alpha = 4.0 * gp[b] / (double(N) * N);
+      gemm(false, false, N, Kg, K, alpha, u.x.data(), K, M.data() + c0, K, 0.0, G.data(), Kg);
+      if (need_s)
+        unit_pixels_backward<scalar_t, double>(sp, vs, u.ns.data(), eps, G.data(), Kg, 1.0,
+                                               gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
+      if (need_t)
+        unit_pixels_backward<scalar_t, double>(tp, vt, u.nt.data(), eps,
+                                               G.data() + (need_s ? Cs : 0), Kg, 1.0,
+                                               gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
+    }
+  });
 }
 
 at::Tensor fa_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
                        double eps) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_args(student, teacher, p, eps);
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
-  auto out = at::empty({student.size(0)}, student.options().dtype(compute_dtype(student.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_cpu", [&] {
-    if (p == 1) fa_l1_forward<scalar_t>(s3, t3, eps, out);
-    else fa_l2_forward<scalar_t>(s3, t3, eps, out);
-  });
+  auto out =
+      at::empty({student.size(0)}, student.options().dtype(compute_dtype(student.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_cpu",
+                                  [&] {
+                                    if (p == 1)
+                                      fa_l1_forward<scalar_t>(s3, t3, eps, out);
+                                    else
+                                      fa_l2_forward<scalar_t>(s3, t3, eps, out);
+                                  });
   return out;
 }
 
@@ -245,18 +256,19 @@ std::tuple<at::Tensor, at::Tensor> fa_loss_backward_cpu(const at::Tensor& grad,
                                                         const at::Tensor& student,
                                                         const at::Tensor& teacher, int64_t p,
                                                         double eps, std::array<bool, 2> mask) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "grad must have shape [B]");
+  check_loss_args(student, teacher, p, eps);
+  check_loss_grad(grad, student.size(0));
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
   at::Tensor gs = mask[0] ? at::empty(student.sizes(), student.options()) : at::Tensor();
   at::Tensor gt = mask[1] ? at::empty(teacher.sizes(), teacher.options()) : at::Tensor();
   if (mask[0] || mask[1]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_backward_cpu", [&] {
-      if (p == 1) fa_l1_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
-      else fa_l2_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                    "fa_loss_backward_cpu", [&] {
+                                      if (p == 1)
+                                        fa_l1_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
+                                      else
+                                        fa_l2_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
+                                    });
   }
   return {gs.defined() ? gs : student.new_empty({0}), gt.defined() ? gt : teacher.new_empty({0})};
 }
