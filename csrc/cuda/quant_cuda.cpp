@@ -71,8 +71,8 @@ at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
 
 QLayout layout_of(const at::Tensor& t, std::optional<int64_t> axis) {
   const int64_t n = t.numel();
-  if (!axis.has_value() || t.size(*axis) == 1) return {n, 1, n > 0 ? n : 1};
-  return {n, t.size(*axis), t.stride(*axis)};
+  if (!axis.has_value() || t.size(*axis) == 1) return make_layout(n, 1, n > 0 ? n : 1);
+  return make_layout(n, t.size(*axis), t.stride(*axis));
 }
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes) {

@@ -26,6 +26,9 @@ namespace ffa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// 4 resident blocks per SM (1024 threads) is plenty for streaming kernels and allows 64 registers
+// per thread; __launch_bounds__(256) alone made ptxas cap some kernels at 32 and spill.
+constexpr int kMinBlocks = 4;
 // Each thread handles kUnroll elements per tile (element u at base + u * kThreads, coalesced),
 // loading them all before computing: 4 independent loads per thread keep enough bytes in flight
 // to approach HBM bandwidth (one 4-byte load per thread per iteration is about half of it).
@@ -109,15 +112,25 @@ __device__ double block_reduce(double v) {
   return v;
 }
 
-// Memory offset of element k (0 <= k < numel / C) of channel c. 32-bit division when it fits
-// (64-bit integer division is a long emulated sequence on the GPU).
+// floor(a / b) for 0 <= a < 2^52, b >= 1 without a 64-bit integer division (a called subroutine
+// with a stack frame on the GPU): a float64 estimate, exact to within one, fixed by one step.
+__device__ __forceinline__ int64_t div_floor(int64_t a, int64_t b, double inv_b) {
+  int64_t q = static_cast<int64_t>(static_cast<double>(a) * inv_b);
+  if (q * b > a)
+    --q;
+  else if ((q + 1) * b <= a)
+    ++q;
+  return q;
+}
+
+// Memory offset of element k (0 <= k < numel / C) of channel c; 32-bit division when it fits.
 __device__ __forceinline__ int64_t channel_addr(const QLayout& L, int64_t c, int64_t k) {
   if (L.C == 1) return k;
   if (L.numel <= int64_t(UINT32_MAX)) {
     const uint32_t in = uint32_t(L.inner), o = uint32_t(k) / in, i = uint32_t(k) - o * in;
     return (int64_t(o) * L.C + c) * L.inner + i;
   }
-  const int64_t o = k / L.inner, i = k - o * L.inner;
+  const int64_t o = div_floor(k, L.inner, L.inv_inner), i = k - o * L.inner;
   return (o * L.C + c) * L.inner + i;
 }
 
@@ -125,7 +138,8 @@ __device__ __forceinline__ int64_t channel_of(const QLayout& L, int64_t addr) {
   if (L.C == 1) return 0;
   if (L.numel <= int64_t(UINT32_MAX))
     return int64_t((uint32_t(addr) / uint32_t(L.inner)) % uint32_t(L.C));
-  return (addr / L.inner) % L.C;
+  const int64_t seg = div_floor(addr, L.inner, L.inv_inner);
+  return seg - div_floor(seg, L.C, L.inv_C) * L.C;
 }
 
 struct ReduceGrid {
@@ -161,7 +175,7 @@ __device__ __forceinline__ C wq_level(C a, C delta, C Q) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     wq_stats_kernel(const T* __restrict__ w, QLayout L, int64_t splits, double* __restrict__ psum,
                     double* __restrict__ pmax) {
   using C = typename Num<T>::C;
@@ -214,7 +228,7 @@ __global__ void wq_finish_stats_kernel(const double* __restrict__ psum,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     wq_sums_kernel(const T* __restrict__ w, QLayout L, int64_t splits, int bits,
                    const double* __restrict__ delta, double* __restrict__ p1,
                    double* __restrict__ p2) {
@@ -266,7 +280,7 @@ __global__ void wq_finish_scale_kernel(const double* __restrict__ p1, const doub
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     wq_apply_kernel(const T* __restrict__ w, T* __restrict__ y, QLayout L, int bits,
                     const double* __restrict__ delta, const double* __restrict__ scale) {
   using C = typename Num<T>::C;
@@ -316,7 +330,7 @@ __device__ double load_alpha(const QAlpha& a) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     qrelu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, QAlpha alpha,
                          int bits) {
   using C = typename Num<T>::C;
@@ -341,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     qrelu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                           int64_t n, QAlpha alpha, int bits, int ste, int alpha_grad,
                           bool want_galpha, double* __restrict__ partial) {
@@ -440,7 +454,7 @@ __device__ __forceinline__ float used_zp(float z, int mode, int64_t qmin, int64_
 }
 
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     fq_forward_kernel(const T* __restrict__ x, T* __restrict__ y, QFake f) {
   using C = typename Num<T>::C;
   const int64_t quant_min = f.qmin, quant_max = f.qmax;
@@ -479,7 +493,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Non-learnable backward: dx = dy * mask, the mask of the forward formula.
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     fq_backward_mask_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                             QFake f) {
   using C = typename Num<T>::C;
@@ -521,7 +535,7 @@ __global__ void __launch_bounds__(kThreads)
 // LSQ backward (torch's _fake_quantize_grad_learnable_{tensor,channel}_kernel_cuda), one block
 // group per channel; dx written when requested, dscale / dzp reduced into per-block partials.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     fq_backward_lsq_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                            QFake f, int64_t splits, float grad_factor, double* __restrict__ ps,
                            double* __restrict__ pz) {

@@ -16,7 +16,12 @@ enum class QDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 
 // (k / inner) % C. Per-tensor work uses C = 1, inner = numel.
 struct QLayout {
   int64_t numel, C, inner;
+  double inv_C, inv_inner;  // 1.0 / C and 1.0 / inner (set by make_layout)
 };
+
+inline QLayout make_layout(int64_t numel, int64_t C, int64_t inner) {
+  return {numel, C, inner, 1.0 / double(C), 1.0 / double(inner)};
+}
 
 // ---- quantize_weight: reductions (delta, scale) per channel, then the elementwise pass ---------
 // Workspace bytes for quantize_weight_cuda (device memory, any alignment of 16).
