@@ -2,13 +2,14 @@
 //
 // p=1: L = sum_ij |D_ij| / N^2 with D = X_S X_S^T - X_T X_T^T (X: unit pixels, pixel-major [N, C]).
 //   One GEMM per tile gives D directly: D_IJ = [X_S X_T]_I [X_S -X_T]_J^T (K = Cs + Ct).
-//   Tiles are BT x BT; only the upper triangle (I <= J) is visited, off-diagonal tiles count twice.
-//   Rows are folded (I with T-1-I) so every parallel task has T+1 tiles. Memory: O(N C) + one tile
-//   per thread; never N x N. FLOPs: N^2 (Cs+Ct) forward; backward recomputes D (same) and adds
-//   G_I += sign(D_IJ) Xneg_J, G_J += sign(D_IJ)^T Xneg_I (2 N^2 Kg), Kg = channels needing grad.
-//   Deterministic: forward sums per fold in fixed order; backward accumulates per part (one part
-//   per thread) and reduces parts in fixed order, so results are bitwise repeatable for a given
-//   thread count.
+//   Tiles are kTile x kTile; only the upper triangle (I <= J) is visited, off-diagonal tiles count
+//   twice. Rows are folded (I with T-1-I) so every task has T+1 tiles. Memory: O(N C) + one tile
+//   per thread (+ one N x Kg gradient buffer per group in the backward); never N x N.
+//   FLOPs: N^2 (Cs+Ct) forward (half the materialized form's 2 N^2 (Cs+Ct)); backward recomputes
+//   D (same) and adds G_I += sign(D_IJ) Xneg_J, G_J += sign(D_IJ)^T Xneg_I (2 N^2 Kg), Kg =
+//   channels needing a gradient. The floor is the GEMM rate (all operands stay in cache).
+//   Deterministic: forward sums per fold, backward accumulates per fixed group of folds; both are
+//   reduced in order, so results are bitwise repeatable for a given thread count.
 // p=2: ||D||_F^2 = ||G_SS||^2 + ||G_TT||^2 - 2 ||G_ST||^2 with M = X^T X ([Cs+Ct]^2, float64 to
 //   survive the cancellation when student ~ teacher). O(N (Cs+Ct)^2). Backward: dL/dX = 4/N^2 X W,
 //   W = M with the student-teacher blocks negated.
