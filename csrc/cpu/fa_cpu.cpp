@@ -2,13 +2,14 @@
 //
 // p=1: L = sum_ij |D_ij| / N^2 with D = X_S X_S^T - X_T X_T^T (X: unit pixels, pixel-major [N, C]).
 //   One GEMM per tile gives D directly: D_IJ = [X_S X_T]_I [X_S -X_T]_J^T (K = Cs + Ct).
-//   Tiles are BT x BT; only the upper triangle (I <= J) is visited, off-diagonal tiles count twice.
-//   Rows are folded (I with T-1-I) so every parallel task has T+1 tiles. Memory: O(N C) + one tile
-//   per thread; never N x N. FLOPs: N^2 (Cs+Ct) forward; backward recomputes D (same) and adds
-//   G_I += sign(D_IJ) Xneg_J, G_J += sign(D_IJ)^T Xneg_I (2 N^2 Kg), Kg = channels needing grad.
-//   Deterministic: forward sums per fold in fixed order; backward accumulates per part (one part
-//   per thread) and reduces parts in fixed order, so results are bitwise repeatable for a given
-//   thread count.
+//   Tiles are kTile x kTile; only the upper triangle (I <= J) is visited, off-diagonal tiles count
+//   twice. Rows are folded (I with T-1-I) so every task has T+1 tiles. Memory: O(N C) + one tile
+//   per thread (+ one N x Kg gradient buffer per group in the backward); never N x N.
+//   FLOPs: N^2 (Cs+Ct) forward (half the materialized form's 2 N^2 (Cs+Ct)); backward recomputes
+//   D (same) and adds G_I += sign(D_IJ) Xneg_J, G_J += sign(D_IJ)^T Xneg_I (2 N^2 Kg), Kg =
+//   channels needing a gradient. The floor is the GEMM rate (all operands stay in cache).
+//   Deterministic: forward sums per fold, backward accumulates per fixed group of folds; both are
+//   reduced in order, so results are bitwise repeatable for a given thread count.
 // p=2: ||D||_F^2 = ||G_SS||^2 + ||G_TT||^2 - 2 ||G_ST||^2 with M = X^T X ([Cs+Ct]^2, float64 to
 //   survive the cancellation when student ~ teacher). O(N (Cs+Ct)^2). Backward: dL/dX = 4/N^2 X W,
 //   W = M with the student-teacher blocks negated.
@@ -22,6 +23,7 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 #include "cpu/pixels.h"
 
 namespace ffa::cpu {
@@ -73,35 +75,33 @@ void fa_l1_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::T
   const PixelView vt{t3.size(1), N, t3.stride(1), t3.stride(2)};
   const int64_t T = (N + kTile - 1) / kTile, folds = (T + 1) / 2;
   auto* out_p = out.data_ptr<acc_t>();
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_sample(B, [&](int64_t b) {
     UnitPair<scalar_t, acc_t> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
                                 t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, acc_t(eps),
                                 true);
     std::vector<double> fold_sum(folds, 0.0);
-    at::parallel_for(0, folds, 1, [&](int64_t q0, int64_t q1) {
+    parallel_tasks(folds, [&](int64_t q) {
       std::vector<acc_t> tile(kTile * kTile);
-      for (int64_t q = q0; q < q1; ++q) {
-        double sum = 0;
-        for_each_fold_tile(q, T, [&](int64_t I, int64_t J) {
-          const int64_t I0 = I * kTile, J0 = J * kTile;
-          const int64_t bi = std::min(kTile, N - I0), bj = std::min(kTile, N - J0);
-          compute_d_tile(u.x.data(), u.xneg.data(), u.K, I0, bi, J0, bj, tile.data());
-          acc_t part = 0;
-          for (int64_t i = 0; i < bi; ++i) {
-            const acc_t* row = tile.data() + i * kTile;
-            acc_t r = 0;
-            for (int64_t j = 0; j < bj; ++j) r += std::abs(row[j]);
-            part += r;
-          }
-          sum += (I == J ? 1.0 : 2.0) * static_cast<double>(part);
-        });
-        fold_sum[q] = sum;
-      }
+      double sum = 0;
+      for_each_fold_tile(q, T, [&](int64_t I, int64_t J) {
+        const int64_t I0 = I * kTile, J0 = J * kTile;
+        const int64_t bi = std::min(kTile, N - I0), bj = std::min(kTile, N - J0);
+        compute_d_tile(u.x.data(), u.xneg.data(), u.K, I0, bi, J0, bj, tile.data());
+        acc_t part = 0;
+        for (int64_t i = 0; i < bi; ++i) {
+          const acc_t* row = tile.data() + i * kTile;
+          acc_t r = 0;
+          for (int64_t j = 0; j < bj; ++j) r += std::abs(row[j]);
+          part += r;
+        }
+        sum += (I == J ? 1.0 : 2.0) * static_cast<double>(part);
+      });
+      fold_sum[q] = sum;
     });
     double total = 0;
     for (double v : fold_sum) total += v;
     out_p[b] = static_cast<acc_t>(total / (static_cast<double>(N) * N));
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -115,38 +115,38 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
   const int64_t T = (N + kTile - 1) / kTile, folds = (T + 1) / 2;
   // Gradient columns [c0, c0 + Kg) of [u_S | u_T]: skip the teacher's (or student's) when unneeded.
   const int64_t c0 = need_s ? 0 : Cs, Kg = (need_s ? Cs : 0) + (need_t ? Ct : 0);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), folds));
   const auto g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
-  std::vector<acc_t> gbuf(parts * N * Kg);
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_sample(B, [&](int64_t b) {
+    // Folds are split into fixed groups, each accumulating into its own buffer; groups are handed
+    // out dynamically and reduced in group order, so the result does not depend on scheduling.
+    const int64_t parts =
+        at::in_parallel_region() ? 1 : std::min<int64_t>(folds, 2 * at::get_num_threads());
+    std::vector<acc_t> gbuf(parts * N * Kg, acc_t(0));
     const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
     const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
     UnitPair<scalar_t, acc_t> u(sp, vs, tp, vt, acc_t(eps), true);
     const int64_t K = u.K;
-    std::fill(gbuf.begin(), gbuf.end(), acc_t(0));
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    parallel_tasks(parts, [&](int64_t part) {
       std::vector<acc_t> tile(kTile * kTile);
-      for (int64_t part = p0; part < p1; ++part) {
-        acc_t* G = gbuf.data() + part * N * Kg;
-        for (int64_t q = part * folds / parts; q < (part + 1) * folds / parts; ++q) {
-          for_each_fold_tile(q, T, [&](int64_t I, int64_t J) {
-            const int64_t I0 = I * kTile, J0 = J * kTile;
-            const int64_t bi = std::min(kTile, N - I0), bj = std::min(kTile, N - J0);
-            compute_d_tile(u.x.data(), u.xneg.data(), K, I0, bi, J0, bj, tile.data());
-            for (int64_t i = 0; i < bi; ++i) {
-              acc_t* row = tile.data() + i * kTile;
-              for (int64_t j = 0; j < bj; ++j)
-                row[j] = static_cast<acc_t>((row[j] > 0) - (row[j] < 0));
-            }
-            // G_I [bi x Kg] += sign [bi x bj] Xneg_J [bj x Kg]
-            gemm(false, false, bi, Kg, bj, acc_t(1), tile.data(), kTile,
-                 u.xneg.data() + J0 * K + c0, K, acc_t(1), G + I0 * Kg, Kg);
-            if (I != J)  // G_J [bj x Kg] += sign^T [bj x bi] Xneg_I [bi x Kg]
-              gemm(true, false, bj, Kg, bi, acc_t(1), tile.data(), kTile,
-                   u.xneg.data() + I0 * K + c0, K, acc_t(1), G + J0 * Kg, Kg);
-          });
-        }
+      acc_t* G = gbuf.data() + part * N * Kg;
+      for (int64_t q = part * folds / parts; q < (part + 1) * folds / parts; ++q) {
+        for_each_fold_tile(q, T, [&](int64_t I, int64_t J) {
+          const int64_t I0 = I * kTile, J0 = J * kTile;
+          const int64_t bi = std::min(kTile, N - I0), bj = std::min(kTile, N - J0);
+          compute_d_tile(u.x.data(), u.xneg.data(), K, I0, bi, J0, bj, tile.data());
+          for (int64_t i = 0; i < bi; ++i) {
+            acc_t* row = tile.data() + i * kTile;
+            for (int64_t j = 0; j < bj; ++j)
+              row[j] = static_cast<acc_t>((row[j] > 0) - (row[j] < 0));
+          }
+          // G_I [bi x Kg] += sign [bi x bj] Xneg_J [bj x Kg]
+          gemm(false, false, bi, Kg, bj, acc_t(1), tile.data(), kTile, u.xneg.data() + J0 * K + c0,
+               K, acc_t(1), G + I0 * Kg, Kg);
+          if (I != J)  // G_J [bj x Kg] += sign^T [bj x bi] Xneg_I [bi x Kg]
+            gemm(true, false, bj, Kg, bi, acc_t(1), tile.data(), kTile, u.xneg.data() + I0 * K + c0,
+                 K, acc_t(1), G + J0 * Kg, Kg);
+        });
       }
     });
     // Reduce the parts in a fixed order into part 0.
@@ -164,7 +164,7 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
       unit_pixels_backward<scalar_t, acc_t>(tp, vt, u.nt.data(), acc_t(eps),
                                             gbuf.data() + (need_s ? Cs : 0), Kg, scale,
                                             gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
-  }
+  });
 }
 
 // M = X^T X for X = [u_S | u_T] (pixel-major [N, K], float64).
@@ -179,26 +179,23 @@ void fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::T
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), K = Cs + Ct;
   const PixelView vs{Cs, N, s3.stride(1), s3.stride(2)};
   const PixelView vt{Ct, N, t3.stride(1), t3.stride(2)};
-  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
+  for_each_sample(B, [&](int64_t b) {
     std::vector<double> M(K * K);
-    for (int64_t b = b0; b < b1; ++b) {
-      UnitPair<scalar_t, double> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
-                                   t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, eps,
-                                   false);
-      gram_of_sample(u, M);
-      double ss = 0, tt = 0, st = 0;
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < K; ++j) {
-          const double m2 = M[i * K + j] * M[i * K + j];
-          if (i < Cs && j < Cs)
-            ss += m2;
-          else if (i >= Cs && j >= Cs)
-            tt += m2;
-          else
-            st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
-        }
-      out.data_ptr<acc_t>()[b] = static_cast<acc_t>((ss + tt - st) / (double(N) * N));
-    }
+    UnitPair<scalar_t, double> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
+                                 t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, eps, false);
+    gram_of_sample(u, M);
+    double ss = 0, tt = 0, st = 0;
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        const double m2 = M[i * K + j] * M[i * K + j];
+        if (i < Cs && j < Cs)
+          ss += m2;
+        else if (i >= Cs && j >= Cs)
+          tt += m2;
+        else
+          st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
+      }
+    out.data_ptr<acc_t>()[b] = static_cast<acc_t>((ss + tt - st) / (double(N) * N));
   });
 }
 
@@ -212,27 +209,24 @@ void fa_l2_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
   const int64_t c0 = need_s ? 0 : Cs, Kg = (need_s ? Cs : 0) + (need_t ? Ct : 0);
   const auto g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
-  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
+  for_each_sample(B, [&](int64_t b) {
     std::vector<double> M(K * K), G(N * Kg);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
-      const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
-      UnitPair<scalar_t, double> u(sp, vs, tp, vt, eps, false);
-      gram_of_sample(u, M);
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < K; ++j)
-          if ((i < Cs) != (j < Cs)) M[i * K + j] = -M[i * K + j];
-      // G [N x Kg] = 4 g / N^2 * X [N x K] W[:, c0:c0+Kg] [K x Kg]
-      const double alpha = 4.0 * gp[b] / (double(N) * N);
-      gemm(false, false, N, Kg, K, alpha, u.x.data(), K, M.data() + c0, K, 0.0, G.data(), Kg);
-      if (need_s)
-        unit_pixels_backward<scalar_t, double>(sp, vs, u.ns.data(), eps, G.data(), Kg, 1.0,
-                                               gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
-      if (need_t)
-        unit_pixels_backward<scalar_t, double>(tp, vt, u.nt.data(), eps,
-                                               G.data() + (need_s ? Cs : 0), Kg, 1.0,
-                                               gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
-    }
+    const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
+    const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
+    UnitPair<scalar_t, double> u(sp, vs, tp, vt, eps, false);
+    gram_of_sample(u, M);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j)
+        if ((i < Cs) != (j < Cs)) M[i * K + j] = -M[i * K + j];
+    // G [N x Kg] = 4 g / N^2 * X [N x K] W[:, c0:c0+Kg] [K x Kg]
+    const double alpha = 4.0 * gp[b] / (double(N) * N);
+    gemm(false, false, N, Kg, K, alpha, u.x.data(), K, M.data() + c0, K, 0.0, G.data(), Kg);
+    if (need_s)
+      unit_pixels_backward<scalar_t, double>(sp, vs, u.ns.data(), eps, G.data(), Kg, 1.0,
+                                             gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
+    if (need_t)
+      unit_pixels_backward<scalar_t, double>(tp, vt, u.nt.data(), eps, G.data() + (need_s ? Cs : 0),
+                                             Kg, 1.0, gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
   });
 }
 

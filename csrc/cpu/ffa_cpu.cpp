@@ -22,6 +22,7 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 #include "cpu/pixels.h"
 
 namespace ffa::cpu {
@@ -61,9 +62,8 @@ constexpr int64_t kBlock = 512;
 // already runs samples in parallel).
 template <typename F>
 void for_each_block(int64_t N, const F& f) {
-  at::parallel_for(0, at::divup(N, kBlock), 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t blk = k0; blk < k1; ++blk) f(blk * kBlock, std::min(N, (blk + 1) * kBlock), blk);
-  });
+  parallel_tasks(at::divup(N, kBlock),
+                 [&](int64_t blk) { f(blk * kBlock, std::min(N, (blk + 1) * kBlock), blk); });
 }
 
 // part [C x k] = X_blk diag(1 / (norm + eps)) A_blk over pixels [i0, i1) (norms computed here).
@@ -94,49 +94,46 @@ void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tens
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
   const int64_t nblk = at::divup(N, kBlock);
   const T eps = T(eps_d);
-  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
+  for_each_sample(B, [&](int64_t b) {
     std::vector<T> ns(N), nt(N), part_s(nblk * Cs * k), part_t(nblk * Ct * k);
     std::vector<double> blk_sum(nblk);
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
-      const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
-      T* Y = y.data_ptr<T>() + b * N * k;
-      T* Ps = ps.data_ptr<T>() + b * Cs * k;
-      T* Pt = pt.data_ptr<T>() + b * Ct * k;
-      // Pass 1: norms and P = U Z, one read of each feature map.
-      for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
-        std::vector<T> scaled((i1 - i0) * k);
-        project_block(S, i0, i1, z + i0 * k, k, eps, ns.data(), scaled.data(),
-                      part_s.data() + blk * Cs * k);
-        project_block(Tt, i0, i1, z + i0 * k, k, eps, nt.data(), scaled.data(),
-                      part_t.data() + blk * Ct * k);
-      });
-      sum_parts(part_s, Cs * k, Ps);
-      sum_parts(part_t, Ct * k, Pt);
-      // Pass 2: Y = r_S . (S^T P_S) - r_T . (T^T P_T) and sum f(Y), a second read of each map.
-      for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
-        const int64_t nb = i1 - i0;
-        std::vector<T> yt(nb * k);
-        T* Yb = Y + i0 * k;
-        gemm(S.pixel_fast(), false, nb, k, Cs, T(1), S.ptr + i0 * S.v.ps, S.ld(), Ps, k, T(0), Yb,
-             k);
-        gemm(Tt.pixel_fast(), false, nb, k, Ct, T(1), Tt.ptr + i0 * Tt.v.ps, Tt.ld(), Pt, k, T(0),
-             yt.data(), k);
-        T acc = 0;
-        for (int64_t i = 0; i < nb; ++i) {
-          const T rs = T(1) / (ns[i0 + i] + eps), rt = T(1) / (nt[i0 + i] + eps);
-          for (int64_t j = 0; j < k; ++j) {
-            const T v = rs * Yb[i * k + j] - rt * yt[i * k + j];
-            Yb[i * k + j] = v;
-            acc += p == 1 ? std::abs(v) : v * v;
-          }
+    const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
+    const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
+    T* Y = y.data_ptr<T>() + b * N * k;
+    T* Ps = ps.data_ptr<T>() + b * Cs * k;
+    T* Pt = pt.data_ptr<T>() + b * Ct * k;
+    // Pass 1: norms and P = U Z, one read of each feature map.
+    for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
+      std::vector<T> scaled((i1 - i0) * k);
+      project_block(S, i0, i1, z + i0 * k, k, eps, ns.data(), scaled.data(),
+                    part_s.data() + blk * Cs * k);
+      project_block(Tt, i0, i1, z + i0 * k, k, eps, nt.data(), scaled.data(),
+                    part_t.data() + blk * Ct * k);
+    });
+    sum_parts(part_s, Cs * k, Ps);
+    sum_parts(part_t, Ct * k, Pt);
+    // Pass 2: Y = r_S . (S^T P_S) - r_T . (T^T P_T) and sum f(Y), a second read of each map.
+    for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
+      const int64_t nb = i1 - i0;
+      std::vector<T> yt(nb * k);
+      T* Yb = Y + i0 * k;
+      gemm(S.pixel_fast(), false, nb, k, Cs, T(1), S.ptr + i0 * S.v.ps, S.ld(), Ps, k, T(0), Yb, k);
+      gemm(Tt.pixel_fast(), false, nb, k, Ct, T(1), Tt.ptr + i0 * Tt.v.ps, Tt.ld(), Pt, k, T(0),
+           yt.data(), k);
+      T acc = 0;
+      for (int64_t i = 0; i < nb; ++i) {
+        const T rs = T(1) / (ns[i0 + i] + eps), rt = T(1) / (nt[i0 + i] + eps);
+        for (int64_t j = 0; j < k; ++j) {
+          const T v = rs * Yb[i * k + j] - rt * yt[i * k + j];
+          Yb[i * k + j] = v;
+          acc += p == 1 ? std::abs(v) : v * v;
         }
-        blk_sum[blk] = acc;
-      });
-      double total = 0;
-      for (double v : blk_sum) total += v;
-      loss.data_ptr<T>()[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
-    }
+      }
+      blk_sum[blk] = acc;
+    });
+    double total = 0;
+    for (double v : blk_sum) total += v;
+    loss.data_ptr<T>()[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
   });
 }
 
@@ -167,36 +164,34 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
   std::vector<Side> sides;
   if (gs.defined()) sides.push_back({&s3, &ps, T(1), &gs});
   if (gt.defined()) sides.push_back({&t3, &pt, T(-1), &gt});
-  at::parallel_for(0, B, sample_grain(B), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
-      const T* Y = y.const_data_ptr<T>() + b * N * k;
-      const T scale = static_cast<T>(gp[b] / (double(k) * double(N) * double(N)));
-      for (const Side& side : sides) {
-        const auto X = sample<T>(*side.x3, b);
-        const int64_t C = X.v.C;
-        const T* P = side.P->template const_data_ptr<T>() + b * C * k;
-        std::vector<T> norm(N), parts(nblk * C * k), Q(C * k);
-        // Pass 1: norms and Q = U W (dL/dU = P W^T + Q Z^T needs all of Q first).
-        for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
-          std::vector<T> W((i1 - i0) * k), scaled((i1 - i0) * k);
-          dl_dy(Y + i0 * k, (i1 - i0) * k, p, scale, W.data());
-          project_block(X, i0, i1, W.data(), k, eps, norm.data(), scaled.data(),
-                        parts.data() + blk * C * k);
-        });
-        sum_parts(parts, C * k, Q.data());
-        // Pass 2: G = sign (W P^T + Z Q^T) per block, chained through the normalization.
-        T* out = side.grad->template data_ptr<T>() + b * C * N;
-        for_each_block(N, [&](int64_t i0, int64_t i1, int64_t) {
-          const int64_t nb = i1 - i0;
-          std::vector<T> W(nb * k), G(nb * C);
-          dl_dy(Y + i0 * k, nb * k, p, scale, W.data());
-          gemm(false, true, nb, C, k, side.sign, W.data(), k, P, k, T(0), G.data(), C);
-          gemm(false, true, nb, C, k, side.sign, z + i0 * k, k, Q.data(), k, T(1), G.data(), C);
-          unit_pixels_backward_range<T, T>(X.ptr, X.v, i0, i1, norm.data(), eps, G.data(), C, T(1),
-                                           out);
-        });
-      }
+  for_each_sample(B, [&](int64_t b) {
+    const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
+    const T* Y = y.const_data_ptr<T>() + b * N * k;
+    const T scale = static_cast<T>(gp[b] / (double(k) * double(N) * double(N)));
+    for (const Side& side : sides) {
+      const auto X = sample<T>(*side.x3, b);
+      const int64_t C = X.v.C;
+      const T* P = side.P->template const_data_ptr<T>() + b * C * k;
+      std::vector<T> norm(N), parts(nblk * C * k), Q(C * k);
+      // Pass 1: norms and Q = U W (dL/dU = P W^T + Q Z^T needs all of Q first).
+      for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
+        std::vector<T> W((i1 - i0) * k), scaled((i1 - i0) * k);
+        dl_dy(Y + i0 * k, (i1 - i0) * k, p, scale, W.data());
+        project_block(X, i0, i1, W.data(), k, eps, norm.data(), scaled.data(),
+                      parts.data() + blk * C * k);
+      });
+      sum_parts(parts, C * k, Q.data());
+      // Pass 2: G = sign (W P^T + Z Q^T) per block, chained through the normalization.
+      T* out = side.grad->template data_ptr<T>() + b * C * N;
+      for_each_block(N, [&](int64_t i0, int64_t i1, int64_t) {
+        const int64_t nb = i1 - i0;
+        std::vector<T> W(nb * k), G(nb * C);
+        dl_dy(Y + i0 * k, nb * k, p, scale, W.data());
+        gemm(false, true, nb, C, k, side.sign, W.data(), k, P, k, T(0), G.data(), C);
+        gemm(false, true, nb, C, k, side.sign, z + i0 * k, k, Q.data(), k, T(1), G.data(), C);
+        unit_pixels_backward_range<T, T>(X.ptr, X.v, i0, i1, norm.data(), eps, G.data(), C, T(1),
+                                         out);
+      });
     }
   });
 }

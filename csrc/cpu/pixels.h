@@ -18,13 +18,6 @@ struct PixelView {
 
 constexpr int64_t kPixelBlock = 64;
 
-// Grain for at::parallel_for over samples: samples run in parallel when the batch covers the
-// threads (their inner loops and BLAS calls then run single-threaded, one parallel region in all);
-// otherwise one by one (grain = B runs inline), each with parallel inner loops.
-inline int64_t sample_grain(int64_t B) {
-  return B >= at::get_num_threads() ? 1 : std::max<int64_t>(B, 1);
-}
-
 // For i in [i0, i1): norm[i] = ||x(:, i)||, and when dst != null
 // dst[(i - i0) * ld + c] = sign * x(c, i) / (norm[i] + eps).
 template <typename scalar_t, typename acc_t>
