@@ -11,7 +11,8 @@
 - FA p=2 at 256x256 (float32, B=8, C=64): forward time vs two cuBLAS Gram products S S^T, T T^T.
 
 Times: CUDA events, median (and 20th/80th percentiles) of repeats after warm-up; out of memory is
-a result. Writes benchmarks/results/<gpu>/cuda_bench.{csv,json} with the GPU, versions, commit.
+a result. Writes benchmarks/results/<harness.device_tag>/cuda_bench.{csv,json} (GPU, versions,
+commit; the JSON adds harness.machine_info).
 Run: python benchmarks/cuda_bench.py [--quick]
 """
 
@@ -21,9 +22,8 @@ import argparse
 import csv
 import json
 import pathlib
-import statistics
-import subprocess
 
+import harness
 import torch
 
 import ffa
@@ -33,24 +33,13 @@ EPS = 1e-5
 
 
 def timed(fn, warmup=3, reps=10):
-    """Median / p20 / p80 milliseconds of fn() (CUDA events), or 'oom'."""
+    """Median / p20 / p80 milliseconds of fn() (harness.measure: CUDA events), or 'oom'."""
     try:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        m = harness.measure(fn, device="cuda", warmup=warmup, repeats=reps)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"median_ms": "oom", "p20_ms": "oom", "p80_ms": "oom"}
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+    return {"median_ms": m.median_ms, "p20_ms": m.p20_ms, "p80_ms": m.p80_ms}
 
 
 def ceilings():
@@ -152,14 +141,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="skip the 256x256 FA p=1 case")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    name = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    meta = {"gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit}
+    info = harness.machine_info("cuda")
+    # Stamped on every CSV row: keep these four keys; the full machine record goes to the JSON.
+    meta = {
+        "gpu": info["gpu_name"],
+        "torch": info["torch"],
+        "cuda": info["cuda"],
+        "commit": info["git_commit"],
+    }
     peak, bw = ceilings()
     meta.update({"bf16_matmul_tflops": peak / 1e12, "d2d_copy_gbps": bw / 1e9})
     res = []
@@ -168,9 +157,10 @@ def main():
         bench_fa_p1(res, peak, 256, run_reference=False)
     bench_ffa(res, bw)
     bench_fa_p2(res)
-    out = pathlib.Path(__file__).parent / "results" / name.replace(" ", "_")
+    out = pathlib.Path(__file__).parent / "results" / info["device_tag"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cuda_bench.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2))
+    record = {"meta": meta, "machine": info, "results": res}
+    (out / "cuda_bench.json").write_text(json.dumps(record, indent=2))
     keys = sorted({k for r in res for k in r})
     with open(out / "cuda_bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(meta) + keys)

@@ -237,6 +237,12 @@ def _run_timed(run, device: str, pre=None) -> float:
     return dt
 
 
+def time_once(run, device: str) -> float:
+    """One timed call of ``run()`` in milliseconds (CUDA events on GPU, perf_counter on CPU), for
+    scripts that interleave their own runs (e.g. baseline and candidate alternating)."""
+    return _run_timed(run, device)
+
+
 def measure(
     run,
     *,

@@ -22,108 +22,36 @@ import argparse
 import csv
 import json
 import os
-import platform
-import re
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
+import harness
 import torch
 
 from ffa import reference as R
 from ffa.quant import fake_quantize, quant_relu, quantize_weight
 
 
-def device_tag(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu-{platform.machine()}-{os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "device": str(device),
-        "device_tag": device_tag(device),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
-            )
-        info["cpu_model"] = model
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        info["git_commit"] = commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = "unknown"
-    return info
-
-
-def _once(fn, device):
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(stop)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _stats(times):
-    times = sorted(times)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
-
-
-def timeit(fn, device, warmup=2, repeat=7):
-    """Milliseconds: (median, p20, p80) of `repeat` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    return _stats([_once(fn, device) for _ in range(repeat)])
+def timeit(fn, device, warmup=2, repeat=7) -> harness.Measurement:
+    """``repeat`` timed runs after ``warmup`` runs (median, p20, p80 in the Measurement)."""
+    return harness.measure(fn, device=device.type, warmup=warmup, repeats=repeat)
 
 
 def timepair(baseline, candidate, device, warmup=2, repeat=7):
-    """Both timed in alternation (run i of each sees the same machine load); two stat triples."""
+    """Both timed in alternation (run i of each sees the same machine load); two Measurements."""
     for _ in range(warmup):
         baseline()
         candidate()
     tb, tc = [], []
     for _ in range(repeat):
-        tb.append(_once(baseline, device))
-        tc.append(_once(candidate, device))
-    return _stats(tb), _stats(tc)
+        tb.append(harness.time_once(baseline, device.type))
+        tc.append(harness.time_once(candidate, device.type))
+    return harness.Measurement(tb, [], None), harness.Measurement(tc, [], None)
 
 
 def copy_rate(x, device, repeat):
     """Bytes per millisecond of y.copy_(x) (read + write) on x's device."""
     y = torch.empty_like(x)
-    ms, _, _ = timeit(lambda: y.copy_(x), device, repeat=repeat)
+    ms = timeit(lambda: y.copy_(x), device, repeat=repeat).median_ms
     return 2 * x.numel() * x.element_size() / ms
 
 
@@ -146,8 +74,8 @@ def main():
     rows = []
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    def record(case, impl, shape, dtype, times, baseline_ms=None, bytes_moved=None, copy=None):
-        ms, p20, p80 = times
+    def record(case, impl, shape, dtype, m, baseline_ms=None, bytes_moved=None, copy=None):
+        ms, p20, p80 = m.median_ms, m.p20_ms, m.p80_ms
         row = {
             "case": case,
             "impl": impl,
@@ -178,7 +106,7 @@ def main():
             repeat=args.repeat,
         )
         record(case, "reference", w_shape, w.dtype, t_ref)
-        record(case, "ffa", w_shape, w.dtype, t_ffa, baseline_ms=t_ref[0])
+        record(case, "ffa", w_shape, w.dtype, t_ffa, baseline_ms=t_ref.median_ms)
 
     # ---- activations ----
     x0 = torch.randn(act_shape, generator=gen).to(device)
@@ -226,7 +154,7 @@ def main():
     case = "fake_quantize LSQ per-tensor fwd+bwd"
     t_t, t_f = timepair(torch_lsq, ffa_lsq, device, repeat=args.repeat)
     record(case, "torch", act_shape, x.dtype, t_t)
-    record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
+    record(case, "ffa", act_shape, x.dtype, t_f, t_t.median_ms, bytes_moved=5 * nbytes, copy=copy)
 
     def fwd_bwd(fn):
         def run():
@@ -242,7 +170,7 @@ def main():
         repeat=args.repeat,
     )
     record(case, "torch", act_shape, x.dtype, t_t)
-    record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
+    record(case, "ffa", act_shape, x.dtype, t_f, t_t.median_ms, bytes_moved=5 * nbytes, copy=copy)
 
     c = act_shape[1]
     sc = (torch.rand(c, generator=gen) * 0.02 + 0.01).to(device)
@@ -255,7 +183,7 @@ def main():
         repeat=args.repeat,
     )
     record(case, "torch", act_shape, x.dtype, t_t)
-    record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
+    record(case, "ffa", act_shape, x.dtype, t_f, t_t.median_ms, bytes_moved=5 * nbytes, copy=copy)
 
     case = "fake_quantize per-tensor fwd"
     with torch.no_grad():
@@ -266,7 +194,7 @@ def main():
             repeat=args.repeat,
         )
     record(case, "torch", act_shape, x.dtype, t_t)
-    record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=2 * nbytes, copy=copy)
+    record(case, "ffa", act_shape, x.dtype, t_f, t_t.median_ms, bytes_moved=2 * nbytes, copy=copy)
 
     alpha = torch.tensor([0.1946], device=device, requires_grad=True)
 
@@ -281,12 +209,13 @@ def main():
     case = "QuantReLU b4 fwd+bwd"
     t_r, t_f = timepair(relu_ref, relu_ffa, device, repeat=args.repeat)
     record(case, "reference", act_shape, x.dtype, t_r)
-    record(case, "ffa", act_shape, x.dtype, t_f, t_r[0], bytes_moved=5 * nbytes, copy=copy)
+    record(case, "ffa", act_shape, x.dtype, t_f, t_r.median_ms, bytes_moved=5 * nbytes, copy=copy)
     with torch.no_grad():
         t_f = timeit(lambda: quant_relu(x0, alpha, 4), device, repeat=args.repeat)
     record("QuantReLU b4 fwd", "ffa", act_shape, x.dtype, t_f, bytes_moved=2 * nbytes, copy=copy)
 
-    info = machine_info(device)
+    info = harness.machine_info(device.type)
+    info.pop("memory_method")  # no memory is measured here
     info["loadavg_at_start"] = load_start
     info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["timing"] = "baseline and ffa alternate run by run; median of --repeat after 2 warm-ups"
