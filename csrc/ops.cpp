@@ -23,6 +23,26 @@ TORCH_LIBRARY(ffa, m) {
       "Tensor y, Tensor p_s, Tensor p_t, int p, float eps, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
   // ---- low-bit fake quantization (ffa.quant) ---------------------------------------------
+  // The paper's weight quantizers (bits 1, 2, 4; 3, 5-8 generalized), one scale per tensor or per
+  // output channel (dim 0). The gradient is straight-through (identity), so there is no backward op.
+  m.def("quantize_weight(Tensor weight, int bits, bool per_channel) -> Tensor");
+  // Quantized ReLU with step alpha (1 element, clamped to [1e-3, 5] inside the kernel). ste,
+  // alpha_grad and rate only shape the backward; they are here so autograd can see them.
+  m.def(
+      "quant_relu(Tensor x, Tensor alpha, int bits, str ste, str alpha_grad, float rate) "
+      "-> Tensor");
+  m.def(
+      "quant_relu_backward(Tensor grad, Tensor x, Tensor alpha, int bits, str ste, "
+      "str alpha_grad, float rate, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Affine fake quantization, torch's per-tensor (axis None) / per-channel ops; learnable=True
+  // follows torch's LSQ ops (zero point rounded and clamped; grad_factor scales the qparam grads).
+  m.def(
+      "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "int? axis, bool learnable, float grad_factor) -> Tensor");
+  m.def(
+      "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+      "int quant_min, int quant_max, int? axis, bool learnable, float grad_factor, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // A tiny Python module: importing ffa._C runs the static registrations above. No pybind11.

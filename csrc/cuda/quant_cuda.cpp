@@ -1,0 +1,331 @@
+// CUDA implementations of the quantization ops: tensor checks, device guard, current stream, a
+// small workspace from the caching allocator, then the torch-free launch functions of
+// cuda/quant_kernels.cu. Nothing here reads device memory back: qparams and the ReLU step stay on
+// the device (a CPU scalar is read on the host and passed by value), so no op syncs the host.
+// Semantics and argument rules are those of the CPU ops (csrc/cpu/quant_cpu.cpp); tensor-valued
+// qparams on the GPU are not validated (that would need a sync).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "cuda/quant_kernels.h"
+
+namespace ffa::cuda {
+namespace {
+
+#define FFA_QUANT_CUDA_CHECK(expr)                                                                \
+  do {                                                                                            \
+    const cudaError_t err_ = (expr);                                                              \
+    TORCH_CHECK(err_ == cudaSuccess, "ffa quant CUDA launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+QDtype qdtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return QDtype::kFloat32;
+    case at::kDouble:
+      return QDtype::kFloat64;
+    case at::kHalf:
+      return QDtype::kFloat16;
+    case at::kBFloat16:
+      return QDtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+  }
+}
+
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+void check_on_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name,
+              " must be a CUDA tensor here (the CUDA kernel was dispatched), got ", t.device());
+}
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "bits must be one of 1, 2, ..., 8, got ", bits);
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// Output like x and a dense input sharing its strides (a copy only when x is not dense).
+at::Tensor dense_input(const at::Tensor& x, at::Tensor& y) {
+  y = at::empty_like(x);
+  if (x.strides() == y.strides()) return x;
+  return at::empty_like(y).copy_(x);
+}
+
+at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
+QLayout layout_of(const at::Tensor& t, std::optional<int64_t> axis) {
+  const int64_t n = t.numel();
+  if (!axis.has_value() || t.size(*axis) == 1) return {n, 1, n > 0 ? n : 1};
+  return {n, t.size(*axis), t.stride(*axis)};
+}
+
+at::Tensor workspace(const at::Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 16)}, like.options().dtype(at::kByte));
+}
+
+// Lays a float32 device gradient out like `param` (dtype, shape, device).
+at::Tensor grad_like(const at::Tensor& g, const at::Tensor& param) {
+  return g.to(param.scalar_type()).view(param.sizes()).to(param.device());
+}
+
+// ---- quantize_weight ------------------------------------------------------------------------
+
+at::Tensor quantize_weight_cuda_op(const at::Tensor& weight, int64_t bits, bool per_channel) {
+  check_floating(weight, "weight");
+  check_on_cuda(weight, "weight");
+  check_bits(bits);
+  TORCH_CHECK_VALUE(!per_channel || weight.dim() >= 2,
+                    "per_channel=True needs a weight with at least 2 dims, got a ", weight.dim(),
+                    "-D tensor");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor y;
+  const at::Tensor w = dense_input(weight, y);
+  if (w.numel() == 0) return y;
+  const QLayout L = layout_of(w, per_channel ? std::optional<int64_t>(0) : std::nullopt);
+  const at::Tensor ws = workspace(w, quantize_weight_workspace_bytes(L));
+  FFA_QUANT_CUDA_CHECK(quantize_weight_cuda(qdtype(w.scalar_type()), w.const_data_ptr(),
+                                            y.mutable_data_ptr(), L, static_cast<int>(bits),
+                                            ws.mutable_data_ptr(), stream_of(w)));
+  return y;
+}
+
+// ---- quant_relu -----------------------------------------------------------------------------
+
+QAlpha alpha_arg(const at::Tensor& alpha, const at::Tensor& x) {
+  check_floating(alpha, "alpha");
+  TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have exactly one element, got shape ",
+                    alpha.sizes());
+  QAlpha a{nullptr, qdtype(alpha.scalar_type()), 0.0};
+  if (alpha.is_cuda()) {
+    TORCH_CHECK(alpha.device() == x.device(), "alpha must be on x's device or on the CPU");
+    a.ptr = alpha.const_data_ptr();
+  } else {
+    TORCH_CHECK(alpha.is_cpu(), "alpha must be on x's device or on the CPU");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, alpha.scalar_type(), "alpha", [&] {
+      const scalar_t v = alpha.const_data_ptr<scalar_t>()[0];
+      const scalar_t lo = static_cast<scalar_t>(1e-3), hi = static_cast<scalar_t>(5.0);
+      a.val = static_cast<double>(v < lo ? lo : (hi < v ? hi : v));
+    });
+  }
+  return a;
+}
+
+int parse_ste(c10::string_view ste) {
+  if (ste == "inplt") return kSteInplt;
+  if (ste == "idnty") return kSteIdnty;
+  TORCH_CHECK_VALUE(ste == "relu", "ste must be 'inplt', 'idnty' or 'relu', got '",
+                    std::string(ste), "'");
+  return kSteRelu;
+}
+
+int parse_alpha_grad(c10::string_view g) {
+  if (g == "mean") return kAgMean;
+  if (g == "ae") return kAgAe;
+  if (g == "pact") return kAgPact;
+  TORCH_CHECK_VALUE(g == "min", "alpha_grad must be 'mean', 'ae', 'pact' or 'min', got '",
+                    std::string(g), "'");
+  return kAgMin;
+}
+
+at::Tensor quant_relu_cuda_op(const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
+                              c10::string_view ste, c10::string_view alpha_grad, double rate) {
+  check_floating(x_in, "x");
+  check_on_cuda(x_in, "x");
+  check_bits(bits);
+  parse_ste(ste);
+  parse_alpha_grad(alpha_grad);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const QAlpha a = alpha_arg(alpha, x_in);
+  at::Tensor y;
+  const at::Tensor x = dense_input(x_in, y);
+  FFA_QUANT_CUDA_CHECK(quant_relu_forward_cuda(qdtype(x.scalar_type()), x.const_data_ptr(),
+                                               y.mutable_data_ptr(), x.numel(), a,
+                                               static_cast<int>(bits), stream_of(x)));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cuda_op(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
+    c10::string_view ste, c10::string_view alpha_grad, double rate, std::array<bool, 2> mask) {
+  check_floating(x_in, "x");
+  check_on_cuda(x_in, "x");
+  check_bits(bits);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
+              grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
+  const int ste_i = parse_ste(ste), ag_i = parse_alpha_grad(alpha_grad);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const QAlpha a = alpha_arg(alpha, x_in);
+  at::Tensor dx;
+  const at::Tensor x = dense_input(x_in, dx);
+  const at::Tensor grad = match_strides(grad_in, x);
+  at::Tensor galpha = mask[1] ? at::empty({1}, x.options().dtype(at::kFloat)) : at::Tensor();
+  if (mask[0] || mask[1]) {
+    const at::Tensor ws = workspace(x, quant_relu_backward_workspace_bytes(x.numel()));
+    FFA_QUANT_CUDA_CHECK(quant_relu_backward_cuda(
+        qdtype(x.scalar_type()), grad.const_data_ptr(), x.const_data_ptr(),
+        mask[0] ? dx.mutable_data_ptr() : nullptr, x.numel(), a, static_cast<int>(bits), ste_i,
+        ag_i, rate, mask[1] ? galpha.mutable_data_ptr<float>() : nullptr, ws.mutable_data_ptr(),
+        stream_of(x)));
+  }
+  return {mask[0] ? dx : x_in.new_empty({0}),
+          mask[1] ? grad_like(galpha, alpha) : alpha.new_empty({0})};
+}
+
+// ---- fake_quantize --------------------------------------------------------------------------
+
+struct FqArgs {
+  QFake f;
+  at::Tensor scale, zp;  // float32 device copies kept alive for the launch
+};
+
+double host_scalar(const at::Tensor& t) { return t.to(at::kDouble).item<double>(); }  // CPU only
+
+FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+               int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable) {
+  check_floating(x, "x");
+  check_floating(scale, "scale");
+  TORCH_CHECK_VALUE(qmin < qmax, "quant_min must be less than quant_max, got quant_min=", qmin,
+                    " and quant_max=", qmax);
+  TORCH_CHECK_VALUE(std::abs(qmin) <= (int64_t(1) << 24) && std::abs(qmax) <= (int64_t(1) << 24),
+                    "quant_min and quant_max must lie in [-2^24, 2^24]");
+  TORCH_CHECK_TYPE(zero_point.scalar_type() != at::kBool && !zero_point.is_complex(),
+                   "zero_point must be an integer or floating tensor, got ",
+                   zero_point.scalar_type());
+  const bool float_zp = at::isFloatingType(zero_point.scalar_type());
+  FqArgs a;
+  a.f.qmin = qmin;
+  a.f.qmax = qmax;
+  a.f.per_channel = axis.has_value();
+  a.f.float_zp = !learnable && float_zp && axis.has_value();
+  a.f.zp_mode = learnable ? kZpRoundClamp : (float_zp && !axis.has_value() ? kZpTrunc : kZpRaw);
+  a.f.q = QParams{nullptr, nullptr, 0.0f, 0.0f};
+  std::optional<int64_t> ax;
+  if (axis.has_value()) {
+    int64_t v = *axis;
+    TORCH_CHECK_VALUE(x.dim() >= 1 && v >= -x.dim() && v < x.dim(), "axis must be in [", -x.dim(),
+                      ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", v);
+    if (v < 0) v += x.dim();
+    ax = v;
+    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == x.size(v),
+                      "scale must be 1-D with one entry per channel (", x.size(v), "), got shape ",
+                      scale.sizes());
+    TORCH_CHECK_VALUE(zero_point.dim() == 1 && zero_point.numel() == x.size(v),
+                      "zero_point must be 1-D with one entry per channel (", x.size(v),
+                      "), got shape ", zero_point.sizes());
+    TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
+                "per-channel scale and zero_point must be on x's device");
+  } else {
+    TORCH_CHECK_VALUE(scale.numel() == 1,
+                      "scale must have one element for per-tensor quantization, got shape ",
+                      scale.sizes());
+    TORCH_CHECK_VALUE(zero_point.numel() == 1,
+                      "zero_point must have one element for per-tensor quantization, got shape ",
+                      zero_point.sizes());
+  }
+  // The per-channel path is always device-resident; a per-tensor CPU scalar is read here.
+  if (scale.is_cuda()) {
+    TORCH_CHECK(scale.device() == x.device(), "scale must be on x's device or on the CPU");
+    a.scale = scale.to(at::kFloat).contiguous();
+    a.f.q.scale = a.scale.const_data_ptr<float>();
+  } else {
+    const double s = host_scalar(scale);
+    TORCH_CHECK_VALUE(float(s) > 0, "scale must be positive, got ", s);
+    a.f.q.scale_val = float(s);
+  }
+  if (zero_point.is_cuda()) {
+    TORCH_CHECK(zero_point.device() == x.device(),
+                "zero_point must be on x's device or on the CPU");
+    a.zp = zero_point.to(at::kFloat).contiguous();
+    a.f.q.zp = a.zp.const_data_ptr<float>();
+  } else {
+    const double z = host_scalar(zero_point);
+    if (!learnable) {
+      const double zi = std::trunc(z);
+      TORCH_CHECK_VALUE(zi >= double(qmin) && zi <= double(qmax),
+                        "zero_point must lie in [quant_min, quant_max] = [", qmin, ", ", qmax,
+                        "], got ", z);
+    }
+    a.f.q.zp_val = float(z);
+  }
+  a.f.L = layout_of(x, ax);  // x: the dense input the kernels walk
+  return a;
+}
+
+at::Tensor fake_quantize_cuda_op(const at::Tensor& x_in, const at::Tensor& scale,
+                                 const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                                 std::optional<int64_t> axis, bool learnable, double grad_factor) {
+  check_on_cuda(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y;
+  const at::Tensor x = dense_input(x_in, y);
+  const FqArgs a = fq_args(x, scale, zero_point, qmin, qmax, axis, learnable);
+  FFA_QUANT_CUDA_CHECK(fake_quantize_forward_cuda(qdtype(x.scalar_type()), x.const_data_ptr(),
+                                                  y.mutable_data_ptr(), a.f, stream_of(x)));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cuda_op(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
+    bool learnable, double grad_factor, std::array<bool, 3> mask) {
+  check_on_cuda(x_in, "x");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
+              grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor dx;
+  const at::Tensor x = dense_input(x_in, dx);
+  const at::Tensor grad = match_strides(grad_in, x);
+  const FqArgs a = fq_args(x, scale, zero_point, qmin, qmax, axis, learnable);
+  const bool qgrads = learnable && (mask[1] || mask[2]);
+  TORCH_CHECK_TYPE(!(learnable && mask[2]) || at::isFloatingType(zero_point.scalar_type()),
+                   "a zero_point gradient needs a floating zero_point");
+  at::Tensor gs, gz;
+  if (qgrads) {
+    gs = at::empty({a.f.L.C}, x.options().dtype(at::kFloat));
+    gz = at::empty({a.f.L.C}, x.options().dtype(at::kFloat));
+  }
+  if (mask[0] || qgrads) {
+    const at::Tensor ws = workspace(x, fake_quantize_backward_workspace_bytes(a.f.L));
+    FFA_QUANT_CUDA_CHECK(fake_quantize_backward_cuda(
+        qdtype(x.scalar_type()), grad.const_data_ptr(), x.const_data_ptr(),
+        mask[0] ? dx.mutable_data_ptr() : nullptr, a.f, learnable, static_cast<float>(grad_factor),
+        qgrads ? gs.mutable_data_ptr<float>() : nullptr,
+        qgrads ? gz.mutable_data_ptr<float>() : nullptr, ws.mutable_data_ptr(), stream_of(x)));
+  }
+  at::Tensor out_s = scale.new_empty({0}), out_z = zero_point.new_empty({0});
+  if (mask[1]) out_s = qgrads ? grad_like(gs, scale) : at::zeros_like(scale);
+  if (mask[2]) out_z = qgrads ? grad_like(gz, zero_point) : at::zeros_like(zero_point);
+  return {mask[0] ? dx : x_in.new_empty({0}), out_s, out_z};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ffa, CUDA, m) {
+  m.impl("quantize_weight", &quantize_weight_cuda_op);
+  m.impl("quant_relu", &quant_relu_cuda_op);
+  m.impl("quant_relu_backward", &quant_relu_backward_cuda_op);
+  m.impl("fake_quantize", &fake_quantize_cuda_op);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cuda_op);
+}
+
+}  // namespace ffa::cuda
