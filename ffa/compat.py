@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .functional import fast_feature_affinity_loss, feature_affinity_loss
+from .quant import quantize_weight
 
 __all__ = ["fa_loss", "fast_fa_loss", "quantize_bw", "quantize_tnn", "quantize_fbit"]
 
@@ -77,15 +78,9 @@ def fast_fa_loss(feat, ref_feat, dim=15, order=1, *, generator=None, projection=
     )
 
 
-def _quantize(kernel, bits):
-    from .quant import quantize_weight  # late: ffa.quant is only needed by these three
-
-    return quantize_weight(kernel, bits)
-
-
 def quantize_bw(kernel):
     """The released 1-bit (binary) projection: mean(|w|) * sign(w) (ffa.quant, bits=1)."""
-    return _quantize(kernel, 1)
+    return quantize_weight(kernel, 1)
 
 
 def quantize_tnn(kernel):
@@ -94,7 +89,7 @@ def quantize_tnn(kernel):
     delta = min(0.7 mean|w|, 100); mask = |w| >= delta; scale = mean(|w| * mask) over all
     entries; result scale * mask * sign(w).
     """
-    return _quantize(kernel, 2)
+    return quantize_weight(kernel, 2)
 
 
 def quantize_fbit(kernel):
@@ -104,4 +99,4 @@ def quantize_fbit(kernel):
     (2q+1) delta (q = 1..6), 7 above 13 delta; least-squares scale sum(|w| q) / sum(q^2); result
     scale * q * sign(w).
     """
-    return _quantize(kernel, 4)
+    return quantize_weight(kernel, 4)

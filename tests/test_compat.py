@@ -190,7 +190,6 @@ def _weights():
 
 @pytest.mark.parametrize("pair", QUANTIZERS, ids=["bw", "tnn", "fbit"])
 def test_quantizers_match_released(pair):
-    pytest.importorskip("ffa.quant", reason="ffa.quant (the quantization issue) is not merged yet")
     ours_fn, ref_fn = pair
     for w in _weights():
         ours = ours_fn(w)
@@ -202,7 +201,6 @@ def test_quantizers_match_released(pair):
 
 @pytest.mark.parametrize("pair", QUANTIZERS, ids=["bw", "tnn", "fbit"])
 def test_quantizers_straight_through(pair):
-    pytest.importorskip("ffa.quant", reason="ffa.quant (the quantization issue) is not merged yet")
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     g = torch.randn(4, 3, 3, 3)
     pair[0](w).backward(g)

@@ -327,7 +327,6 @@ def test_example_quick_learns():
     pytest.importorskip(
         "sklearn", reason="the digits example needs scikit-learn (extra 'examples')"
     )
-    pytest.importorskip("ffa.quant", reason="the digits example needs ffa.quant")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "faqd_digits.py"), "--quick"],
