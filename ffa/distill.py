@@ -169,9 +169,8 @@ class FAQDLoss(nn.Module):
 
     # ---- parts ----------------------------------------------------------------------------------
     def _kd(self, student_logits, teacher_logits):
-        s, t = student_logits.float(), teacher_logits.detach().float()
-        if student_logits.dtype == torch.float64:
-            s, t = student_logits, teacher_logits.detach().to(torch.float64)
+        dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        s, t = student_logits.to(dtype), teacher_logits.detach().to(dtype)
         if s.shape != t.shape:
             raise ValueError(
                 f"student_logits and teacher_logits must have the same shape, got "

@@ -19,6 +19,7 @@ import ffa
 from ffa import FAQDLoss, FeatureHooks, reference
 
 ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
 
 
 def _feats(b=3, dtype=torch.float64, seed=0, grad=True):
@@ -257,10 +258,10 @@ def test_feature_hooks_errors():
 
 
 # ---- torch.compile and autocast --------------------------------------------------------------
-def _setup(seed=0):
+def _setup(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    teacher, student = Net(c=12), Net(c=8)
-    x = torch.randn(4, 1, 12, 12)
+    teacher, student = Net(c=12).to(device), Net(c=8).to(device)
+    x = torch.randn(4, 1, 12, 12, device=device)
     with torch.no_grad(), FeatureHooks(teacher, ["layer1", "layer2"]) as th:
         zt = teacher(x)
         ft = th.features
@@ -297,13 +298,22 @@ def test_compiled_training_step_matches_eager(affinity):
     hooks.remove()
 
 
+AUTOCAST = [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
+]
+
+
 @pytest.mark.parametrize("affinity", ["exact", "fast"])
-def test_autocast_bf16_close_to_float32(affinity):
-    # bf16 has an 8-bit mantissa: the convs and logits carry ~1e-2 relative error, which the
-    # losses inherit. Stated tolerance: 5e-2 relative on each part.
-    student, x, zt, ft = _setup()
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_close_to_float32(affinity, device, dtype):
+    # bf16 has an 8-bit mantissa (fp16 11): the convs and logits carry ~1e-2 relative error,
+    # which the losses inherit (FA itself accumulates in float32). Stated tolerance: 5e-2
+    # relative on each part.
+    student, x, zt, ft = _setup(device=device)
     loss_fn = FAQDLoss(fa_weight=1.0, label_weight=1.0, affinity=affinity, seed=0)
-    y = torch.arange(4)
+    y = torch.arange(4, device=device)
 
     def run():
         with FeatureHooks(student, ["layer1", "layer2"]) as hooks:
@@ -312,7 +322,7 @@ def test_autocast_bf16_close_to_float32(affinity):
             return loss_fn(zs, zt, hooks.features, ft, target=y)
 
     ref = run()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
         low = run()
     assert low.loss.dtype == torch.float32
     for a, b in zip(low, ref, strict=True):
