@@ -1,5 +1,6 @@
 // Argument checks and tensor plumbing shared by every backend wrapper (CPU and CUDA), so each rule
-// lives in one place. The Python layer raises friendlier errors first; these keep direct op calls safe.
+// lives in one place. The Python layer raises friendlier errors first; these keep direct op calls
+// safe.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,23 +9,42 @@ namespace ffa {
 inline void check_feature_pair(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK(student.dim() == 4, "student must be 4-D [B,C,H,W], got ", student.dim(), "-D");
   TORCH_CHECK(teacher.dim() == 4, "teacher must be 4-D [B,C,H,W], got ", teacher.dim(), "-D");
-  TORCH_CHECK(student.size(0) == teacher.size(0), "student and teacher batch sizes differ: ",
-              student.size(0), " vs ", teacher.size(0));
+  TORCH_CHECK(student.size(0) == teacher.size(0),
+              "student and teacher batch sizes differ: ", student.size(0), " vs ", teacher.size(0));
   TORCH_CHECK(student.size(2) == teacher.size(2) && student.size(3) == teacher.size(3),
               "student and teacher must share H,W at the op level, got ", student.sizes(), " and ",
               teacher.sizes());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "student must be a floating tensor, got ", student.scalar_type());
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "student must be a floating tensor, got ",
+              student.scalar_type());
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
               "student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
               teacher.scalar_type());
-  TORCH_CHECK(student.device() == teacher.device(), "student and teacher must be on the same device");
+  TORCH_CHECK(student.device() == teacher.device(),
+              "student and teacher must be on the same device");
   TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0, "channels must be positive");
 }
 
 inline void check_p(int64_t p) { TORCH_CHECK(p == 1 || p == 2, "p must be 1 or 2, got ", p); }
 
 inline void check_eps(double eps) { TORCH_CHECK(eps > 0, "eps must be positive, got ", eps); }
+
+inline void check_loss_options(int64_t p, double eps) {
+  check_p(p);
+  check_eps(eps);
+}
+
+// Everything a loss op checks about its common arguments.
+inline void check_loss_args(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
+                            double eps) {
+  check_feature_pair(student, teacher);
+  check_loss_options(p, eps);
+}
+
+// The upstream gradient of a per-sample loss.
+inline void check_loss_grad(const at::Tensor& grad, int64_t batch) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == batch, "grad must have shape [", batch, "], got ",
+              grad.sizes());
+}
 
 inline void check_projection(const at::Tensor& z, const at::Tensor& student) {
   const int64_t B = student.size(0), N = student.size(2) * student.size(3);

@@ -22,6 +22,18 @@ TORCH_LIBRARY(ffa, m) {
       "ffa_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor projection, "
       "Tensor y, Tensor p_s, Tensor p_t, int p, float eps, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
+  // FFA with the probes regenerated from a counter-based generator instead of a projection tensor:
+  // Z[i, j] = the (i * k + j)-th normal of Philox4x32-10 at (seed, offset) (csrc/philox.h), [N, k]
+  // shared by the batch. The CUDA kernels never store Z; the CPU kernel regenerates the same
+  // values. offset is a torch Philox offset (a multiple of 4); a call consumes 4 * ceil(N k / 4) of
+  // it. Outputs and backward as ffa_loss / ffa_loss_backward.
+  m.def(
+      "ffa_loss_philox(Tensor student, Tensor teacher, int k, int p, float eps, int seed, "
+      "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ffa_loss_philox_backward(Tensor grad, Tensor student, Tensor teacher, Tensor y, "
+      "Tensor p_s, Tensor p_t, int k, int p, float eps, int seed, int offset, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
   // ---- low-bit fake quantization (ffa.quant) ---------------------------------------------
   // The paper's weight quantizers (bits 1, 2, 4; 3, 5-8 generalized), one scale per tensor or per
   // output channel (dim 0). The gradient is straight-through (identity), so there is no backward op.

@@ -1,16 +1,16 @@
 """Functional feature-affinity losses: exact FA and the fast randomized FFA estimator.
 
-Definitions (Li, Yang, Yin, Qi, Xin, arXiv 2302.10899). Student S [B,Cs,H,W], teacher T [B,Ct,H',W'];
-Cs may differ from Ct. A teacher of another resolution is resized to (H,W) bilinearly with
-align_corners=True. N = H*W. Unit pixels u_i = s_i / (||s_i||_2 + eps) over channels (an all-zero pixel
-gives a zero vector), A = U^T U (N x N), D = A_S - A_T.
+Definitions (Li, Yang, Yin, Qi, Xin, arXiv 2302.10899). Student S [B,Cs,H,W], teacher
+T [B,Ct,H',W']; Cs may differ from Ct. A teacher of another resolution is resized to (H,W)
+bilinearly with align_corners=True. N = H*W. Unit pixels u_i = s_i / (||s_i||_2 + eps) over
+channels (an all-zero pixel gives a zero vector), A = U^T U (N x N), D = A_S - A_T.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._ops import compute_dtype, ops
+from ._ops import compute_dtype, ops, philox_seed_offset
 from .reference import reduce, resize_teacher
 
 __all__ = ["feature_affinity_loss", "fast_feature_affinity_loss"]
@@ -19,7 +19,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_options(p, reduction, eps):
-    if isinstance(p, bool) or p not in (1, 2):
+    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -33,7 +33,9 @@ def _prepare(student, teacher):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
         if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
@@ -52,12 +54,18 @@ def _prepare(student, teacher):
     return student.to(dtype), teacher
 
 
+def _default_cuda_generator(device: torch.device) -> torch.Generator:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
+
+
 def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
     r"""Exact feature-affinity loss, computed without the N x N matrices.
 
     Per sample: ``p=1`` gives :math:`\frac{1}{N^2}\sum_{ij}|D_{ij}|` (the paper's FA loss), ``p=2``
-    gives :math:`\frac{1}{N^2}\sum_{ij}D_{ij}^2`. ``reduction`` is ``"mean"`` over the batch (default),
-    ``"sum"`` (p=1 "sum" is the value of the paper's released code) or ``"none"`` (shape [B]).
+    gives :math:`\frac{1}{N^2}\sum_{ij}D_{ij}^2`. ``reduction`` is ``"mean"`` over the batch
+    (default), ``"sum"`` (p=1 "sum" is the value of the paper's released code) or ``"none"``
+    (shape [B]).
 
     p=1 runs a tiled O(N^2 C) kernel with O(N C) memory (symmetric: upper-triangle tiles only).
     p=2 uses the identity ||D||_F^2 = ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on
@@ -72,8 +80,8 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
 
     Returns:
         float32 (float64 for float64 inputs) scalar, or [B] with ``reduction="none"``. float16 and
-        bfloat16 inputs are accumulated in float32. An empty batch gives ``sum`` 0, ``none`` an empty
-        tensor, and ``mean`` NaN, as ``torch.mean`` of an empty tensor does.
+        bfloat16 inputs are accumulated in float32. An empty batch gives ``sum`` 0, ``none`` an
+        empty tensor, and ``mean`` NaN, as ``torch.mean`` of an empty tensor does.
     """
     _check_options(p, reduction, eps)
     student, teacher = _prepare(student, teacher)
@@ -107,7 +115,9 @@ def fast_feature_affinity_loss(
         student, teacher, p, reduction, eps: as in :func:`feature_affinity_loss`.
         k: number of probes (>= 1); ignored when ``projection`` is given.
         generator: the ``torch.Generator`` a fresh Z is drawn from on every call (default: the
-            device's default generator). ffa never reseeds any generator.
+            device's default generator). ffa never reseeds any generator. On CUDA (eager), Z is
+            generated inside the kernels from the generator's Philox seed and offset (advanced
+            the way torch's CUDA random ops do) and never stored.
         projection: an explicit Z, [N, k] (shared by the batch) or [B, N, k], used as given (a
             constant: no gradient flows to it); k is taken from it.
     """
@@ -119,6 +129,13 @@ def fast_feature_affinity_loss(
     if projection is None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if student.is_cuda and not torch.compiler.is_compiling():
+            # Z is generated inside the CUDA kernels from the generator's Philox (seed, offset) and
+            # never stored. Under torch.compile the traceable torch.randn path below is used.
+            gen = generator if generator is not None else _default_cuda_generator(student.device)
+            seed, offset = philox_seed_offset(gen, n * k)
+            loss = ops.ffa_loss_philox(student, teacher, k, p, float(eps), seed, offset)[0]
+            return reduce(loss, reduction)
         z = torch.randn((1, n, k), generator=generator, device=student.device, dtype=cdtype)
     else:
         if not isinstance(projection, torch.Tensor):
@@ -126,9 +143,7 @@ def fast_feature_affinity_loss(
         if not projection.is_floating_point():
             raise TypeError(f"projection must have a floating-point dtype, got {projection.dtype}")
         if projection.device != student.device:
-            raise ValueError(
-                f"projection must be on {student.device}, got {projection.device}"
-            )
+            raise ValueError(f"projection must be on {student.device}, got {projection.device}")
         z = projection.detach()
         if z.dim() == 2:
             z = z.unsqueeze(0)

@@ -32,9 +32,9 @@ class FeatureAffinityLoss(nn.Module):
 class FastFeatureAffinityLoss(nn.Module):
     """FFA loss; see :func:`ffa.fast_feature_affinity_loss`.
 
-    Owns one ``torch.Generator`` per device, seeded once from ``seed`` (a random seed when None), and
-    draws a fresh Z on every call. It never touches the global RNG. ``forward(student, teacher,
-    projection=None)``.
+    Owns one ``torch.Generator`` per device, seeded once from ``seed`` (a random seed when None),
+    and draws a fresh Z on every call. It never touches the global RNG.
+    ``forward(student, teacher, projection=None)``.
     """
 
     def __init__(self, k=15, p=1, reduction="mean", eps=1e-5, seed=None):
@@ -52,7 +52,9 @@ class FastFeatureAffinityLoss(nn.Module):
         """This module's generator on ``device`` (created and seeded from ``seed`` on first use)."""
         device = torch.device(device)
         if device.type != "cpu" and device.index is None:
-            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+            device = torch.device(
+                device.type, torch.get_device_module(device.type).current_device()
+            )
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
@@ -63,9 +65,18 @@ class FastFeatureAffinityLoss(nn.Module):
     def forward(self, student, teacher, projection=None):
         gen = None if projection is not None else self.generator(student.device)
         return fast_feature_affinity_loss(
-            student, teacher, k=self.k, p=self.p, reduction=self.reduction, eps=self.eps,
-            generator=gen, projection=projection,
+            student,
+            teacher,
+            k=self.k,
+            p=self.p,
+            reduction=self.reduction,
+            eps=self.eps,
+            generator=gen,
+            projection=projection,
         )
 
     def extra_repr(self):
-        return f"k={self.k}, p={self.p}, reduction={self.reduction!r}, eps={self.eps}, seed={self.seed}"
+        return (
+            f"k={self.k}, p={self.p}, reduction={self.reduction!r}, eps={self.eps}, "
+            f"seed={self.seed}"
+        )

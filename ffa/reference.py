@@ -1,8 +1,8 @@
 """Plain, materializing PyTorch versions of every ffa definition.
 
-This module is the oracle of the tests and the baseline of the benchmarks; it is never on ffa's runtime
-path. It materializes the B x N x N affinity matrices exactly as the paper's released code does, so it
-runs out of memory at the resolutions ffa is built for.
+This module is the oracle of the tests and the baseline of the benchmarks; it is never on ffa's
+runtime path. It materializes the B x N x N affinity matrices exactly as the paper's released code
+does, so it runs out of memory at the resolutions ffa is built for.
 """
 
 from __future__ import annotations

@@ -1,19 +1,62 @@
 // Row-major GEMM for the CPU kernels: C[m x n] = alpha * op(A) op(B) + beta * C.
 //
 // op(A) is A [m x k] (A[i * lda + l]) or, with ta, the transpose of a stored [k x m] matrix; same
-// for B. Goes through ATen's addmm on borrowed buffers, so it runs whatever BLAS torch was built
-// with (MKL here) and stays portable: torch does not export its internal cpublas::gemm. Inside an
-// at::parallel_for region the BLAS call runs single-threaded; outside it uses torch's threads.
-// beta = 0 ignores C's old contents (NaN-safe, as BLAS).
+// for B. beta = 0 ignores C's old contents (NaN-safe, as BLAS).
+//
+// Fast path: the Fortran BLAS symbols sgemm_/dgemm_ that torch's MKL build exports, bound weakly so
+// the extension still loads against a torch without them. Tiled kernels issue thousands of small
+// GEMMs; calling BLAS directly skips ~5-10 us of dispatcher and tensor-construction overhead per
+// call. Fallback: ATen's addmm on borrowed buffers (whatever BLAS torch was built with). Inside an
+// at::parallel_for region either path runs single-threaded; outside it uses torch's threads.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <limits>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
 
 namespace ffa::cpu {
+
+namespace detail {
+inline bool fits_int(std::initializer_list<int64_t> v) {
+  for (int64_t x : v)
+    if (x > std::numeric_limits<int>::max()) return false;
+  return true;
+}
+// Only trust the exported symbols when they come from torch's MKL (LP64 Fortran ABI).
+inline bool use_fortran_blas() {
+  static const bool ok = at::hasMKL() && sgemm_ != nullptr && dgemm_ != nullptr;
+  return ok;
+}
+}  // namespace detail
 
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (detail::use_fortran_blas() && detail::fits_int({m, n, k, lda, ldb, ldc})) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const int M = int(n), N = int(m), K = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+    if (k == 0) {  // BLAS would leave C untouched; we want beta * C (0 when beta == 0)
+      auto c = at::from_blob(C, {m, n}, {ldc, 1}, c10::CppTypeToScalarType<T>::value);
+      beta == T(0) ? c.zero_() : c.mul_(beta);
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&tra, &trb, &M, &N, &K, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    else
+      dgemm_(&tra, &trb, &M, &N, &K, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto a = at::from_blob(const_cast<T*>(A), {m, k},
                          ta ? at::IntArrayRef({1, lda}) : at::IntArrayRef({lda, 1}), opts);

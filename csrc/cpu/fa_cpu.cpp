@@ -27,7 +27,7 @@
 namespace ffa::cpu {
 namespace {
 
-constexpr int64_t kTile = 128;
+constexpr int64_t kTile = 256;
 
 // Unit pixels of one sample: X = [u_S | u_T] and Xneg = [u_S | -u_T], both [N, Cs + Ct].
 template <typename scalar_t, typename acc_t>
@@ -158,8 +158,8 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
     });
     const acc_t scale = static_cast<acc_t>(2.0 * gp[b] / (double(N) * N));
     if (need_s)
-      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), gbuf.data(), Kg,
-                                            scale, gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
+      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), gbuf.data(), Kg, scale,
+                                            gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
     if (need_t)
       unit_pixels_backward<scalar_t, acc_t>(tp, vt, u.nt.data(), acc_t(eps),
                                             gbuf.data() + (need_s ? Cs : 0), Kg, scale,
@@ -172,10 +172,6 @@ template <typename scalar_t>
 void gram_of_sample(const UnitPair<scalar_t, double>& u, std::vector<double>& M) {
   gemm(true, false, u.K, u.K, u.N, 1.0, u.x.data(), u.K, u.x.data(), u.K, 0.0, M.data(), u.K);
 }
-
-// p=2 samples run in parallel when the batch covers the threads (each sample's GEMM single-threaded),
-// else one by one with parallel inner loops and a multi-threaded GEMM.
-inline int64_t sample_grain(int64_t B) { return B >= at::get_num_threads() ? 1 : B; }
 
 template <typename scalar_t>
 void fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::Tensor& out) {
@@ -194,9 +190,12 @@ void fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::T
       for (int64_t i = 0; i < K; ++i)
         for (int64_t j = 0; j < K; ++j) {
           const double m2 = M[i * K + j] * M[i * K + j];
-          if (i < Cs && j < Cs) ss += m2;
-          else if (i >= Cs && j >= Cs) tt += m2;
-          else st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
+          if (i < Cs && j < Cs)
+            ss += m2;
+          else if (i >= Cs && j >= Cs)
+            tt += m2;
+          else
+            st += m2;  // both off-diagonal blocks: 2 ||G_ST||^2
         }
       out.data_ptr<acc_t>()[b] = static_cast<acc_t>((ss + tt - st) / (double(N) * N));
     }
@@ -239,15 +238,17 @@ void fa_l2_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
 
 at::Tensor fa_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
                        double eps) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
+  check_loss_args(student, teacher, p, eps);
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
-  auto out = at::empty({student.size(0)}, student.options().dtype(compute_dtype(student.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_cpu", [&] {
-    if (p == 1) fa_l1_forward<scalar_t>(s3, t3, eps, out);
-    else fa_l2_forward<scalar_t>(s3, t3, eps, out);
-  });
+  auto out =
+      at::empty({student.size(0)}, student.options().dtype(compute_dtype(student.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_cpu",
+                                  [&] {
+                                    if (p == 1)
+                                      fa_l1_forward<scalar_t>(s3, t3, eps, out);
+                                    else
+                                      fa_l2_forward<scalar_t>(s3, t3, eps, out);
+                                  });
   return out;
 }
 
@@ -255,18 +256,19 @@ std::tuple<at::Tensor, at::Tensor> fa_loss_backward_cpu(const at::Tensor& grad,
                                                         const at::Tensor& student,
                                                         const at::Tensor& teacher, int64_t p,
                                                         double eps, std::array<bool, 2> mask) {
-  check_feature_pair(student, teacher);
-  check_p(p);
-  check_eps(eps);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "grad must have shape [B]");
+  check_loss_args(student, teacher, p, eps);
+  check_loss_grad(grad, student.size(0));
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
   at::Tensor gs = mask[0] ? at::empty(student.sizes(), student.options()) : at::Tensor();
   at::Tensor gt = mask[1] ? at::empty(teacher.sizes(), teacher.options()) : at::Tensor();
   if (mask[0] || mask[1]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_backward_cpu", [&] {
-      if (p == 1) fa_l1_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
-      else fa_l2_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                    "fa_loss_backward_cpu", [&] {
+                                      if (p == 1)
+                                        fa_l1_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
+                                      else
+                                        fa_l2_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
+                                    });
   }
   return {gs.defined() ? gs : student.new_empty({0}), gt.defined() ? gt : teacher.new_empty({0})};
 }
