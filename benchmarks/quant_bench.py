@@ -13,7 +13,7 @@ with CUDA events. Bytes moved by ffa's kernels are divided by the time and by a 
 (y.copy_(x) on the same tensor) to give a fraction of the copy bandwidth.
 Writes benchmarks/results/<device-tag>/quant_bench.{csv,json} (machine, versions, git commit).
 
-    python benchmarks/quant_bench.py [--device cpu|cuda] [--repeat 7] [--small]
+    python benchmarks/quant_bench.py [--device cpu|cuda] [--repeat 7] [--threads N] [--small]
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def machine_info(device: torch.device) -> dict:
                 (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
             )
         info["cpu_model"] = model
-        info["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
     if device.type == "cuda":
@@ -83,26 +82,42 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _once(fn, device):
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(stop)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stats(times):
+    times = sorted(times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
 def timeit(fn, device, warmup=2, repeat=7):
     """Milliseconds: (median, p20, p80) of `repeat` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
+    return _stats([_once(fn, device) for _ in range(repeat)])
+
+
+def timepair(baseline, candidate, device, warmup=2, repeat=7):
+    """Both timed in alternation (run i of each sees the same machine load); two stat triples."""
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    tb, tc = [], []
     for _ in range(repeat):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
+        tb.append(_once(baseline, device))
+        tc.append(_once(candidate, device))
+    return _stats(tb), _stats(tc)
 
 
 def copy_rate(x, device, repeat):
@@ -117,13 +132,19 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (files get a _t<N> suffix)"
+    )
     ap.add_argument("--out", default=None, help="results folder (default results/<device-tag>)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     act_shape = (2, 16, 14, 14) if args.small else (32, 256, 56, 56)
     w_shape = (32, 32, 3, 3) if args.small else (512, 512, 3, 3)
     rows = []
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     def record(case, impl, shape, dtype, times, baseline_ms=None, bytes_moved=None, copy=None):
         ms, p20, p80 = times
@@ -150,9 +171,11 @@ def main():
     w = torch.randn(w_shape, generator=gen).to(device)
     for bits, pc in ((1, False), (2, False), (4, False), (8, False), (4, True)):
         case = f"quantize_weight b{bits}{' per-ch' if pc else ''}"
-        t_ref = timeit(lambda b=bits, p=pc: R.quantize_weight(w, b, p), device, repeat=args.repeat)
-        t_ffa = timeit(
-            lambda b=bits, p=pc: quantize_weight(w, b, per_channel=p), device, repeat=args.repeat
+        t_ref, t_ffa = timepair(
+            lambda b=bits, p=pc: R.quantize_weight(w, b, p),
+            lambda b=bits, p=pc: quantize_weight(w, b, per_channel=p),
+            device,
+            repeat=args.repeat,
         )
         record(case, "reference", w_shape, w.dtype, t_ref)
         record(case, "ffa", w_shape, w.dtype, t_ffa, baseline_ms=t_ref[0])
@@ -172,6 +195,18 @@ def main():
         }
     )
     print(f"{'copy (read+write)':<34} {copy / 1e6:>10.2f} GB/s")
+    # The same pass into a freshly allocated output (what every op pays: on CPU, first-touch page
+    # faults of the new tensor can cost more than the pass itself).
+    t_alloc = timeit(lambda: x0.mul(2.0), device, repeat=args.repeat)
+    record(
+        "alloc floor: x.mul(2) (fresh output)",
+        "torch",
+        act_shape,
+        x0.dtype,
+        t_alloc,
+        bytes_moved=2 * nbytes,
+        copy=copy,
+    )
     x = x0.clone().requires_grad_()
 
     def fq_lsq(fn):
@@ -189,8 +224,7 @@ def main():
         lambda x, s, z: torch._fake_quantize_learnable_per_tensor_affine(x, s, z, -128, 127, 1.0)
     )
     case = "fake_quantize LSQ per-tensor fwd+bwd"
-    t_t = timeit(torch_lsq, device, repeat=args.repeat)
-    t_f = timeit(ffa_lsq, device, repeat=args.repeat)
+    t_t, t_f = timepair(torch_lsq, ffa_lsq, device, repeat=args.repeat)
     record(case, "torch", act_shape, x.dtype, t_t)
     record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
 
@@ -201,13 +235,11 @@ def main():
         return run
 
     case = "fake_quantize per-tensor fwd+bwd"
-    t_t = timeit(
+    t_t, t_f = timepair(
         fwd_bwd(lambda x: torch.fake_quantize_per_tensor_affine(x, 0.02, 3, -128, 127)),
+        fwd_bwd(lambda x: fake_quantize(x, 0.02, 3, -128, 127)),
         device,
         repeat=args.repeat,
-    )
-    t_f = timeit(
-        fwd_bwd(lambda x: fake_quantize(x, 0.02, 3, -128, 127)), device, repeat=args.repeat
     )
     record(case, "torch", act_shape, x.dtype, t_t)
     record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
@@ -216,25 +248,23 @@ def main():
     sc = (torch.rand(c, generator=gen) * 0.02 + 0.01).to(device)
     zc = torch.randint(-5, 5, (c,), generator=gen, dtype=torch.int32).to(device)
     case = "fake_quantize per-channel fwd+bwd"
-    t_t = timeit(
+    t_t, t_f = timepair(
         fwd_bwd(lambda x: torch.fake_quantize_per_channel_affine(x, sc, zc, 1, -128, 127)),
+        fwd_bwd(lambda x: fake_quantize(x, sc, zc, -128, 127, axis=1)),
         device,
         repeat=args.repeat,
-    )
-    t_f = timeit(
-        fwd_bwd(lambda x: fake_quantize(x, sc, zc, -128, 127, axis=1)), device, repeat=args.repeat
     )
     record(case, "torch", act_shape, x.dtype, t_t)
     record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=5 * nbytes, copy=copy)
 
     case = "fake_quantize per-tensor fwd"
     with torch.no_grad():
-        t_t = timeit(
+        t_t, t_f = timepair(
             lambda: torch.fake_quantize_per_tensor_affine(x0, 0.02, 3, -128, 127),
+            lambda: fake_quantize(x0, 0.02, 3, -128, 127),
             device,
             repeat=args.repeat,
         )
-        t_f = timeit(lambda: fake_quantize(x0, 0.02, 3, -128, 127), device, repeat=args.repeat)
     record(case, "torch", act_shape, x.dtype, t_t)
     record(case, "ffa", act_shape, x.dtype, t_f, t_t[0], bytes_moved=2 * nbytes, copy=copy)
 
@@ -249,8 +279,7 @@ def main():
         return torch.autograd.grad(y, (x, alpha), g)
 
     case = "QuantReLU b4 fwd+bwd"
-    t_r = timeit(relu_ref, device, repeat=args.repeat)
-    t_f = timeit(relu_ffa, device, repeat=args.repeat)
+    t_r, t_f = timepair(relu_ref, relu_ffa, device, repeat=args.repeat)
     record(case, "reference", act_shape, x.dtype, t_r)
     record(case, "ffa", act_shape, x.dtype, t_f, t_r[0], bytes_moved=5 * nbytes, copy=copy)
     with torch.no_grad():
@@ -258,6 +287,9 @@ def main():
     record("QuantReLU b4 fwd", "ffa", act_shape, x.dtype, t_f, bytes_moved=2 * nbytes, copy=copy)
 
     info = machine_info(device)
+    info["loadavg_at_start"] = load_start
+    info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["timing"] = "baseline and ffa alternate run by run; median of --repeat after 2 warm-ups"
     info["repeat"] = args.repeat
     info["small"] = args.small
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / info["device_tag"]
@@ -274,14 +306,15 @@ def main():
         "gb_per_s",
         "fraction_of_copy",
     ]
-    with open(out / "quant_bench.csv", "w", newline="") as f:
+    stem = "quant_bench" + (f"_t{args.threads}" if args.threads else "")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields)
         wr.writeheader()
         for r in rows:
             wr.writerow({k: r.get(k, "") for k in fields})
-    with open(out / "quant_bench.json", "w") as f:
+    with open(out / f"{stem}.json", "w") as f:
         json.dump({"machine": info, "rows": rows}, f, indent=1)
-    print(f"wrote {out / 'quant_bench.csv'} and .json")
+    print(f"wrote {out / stem}.csv and .json")
 
 
 if __name__ == "__main__":
