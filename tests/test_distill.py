@@ -298,6 +298,24 @@ def test_compiled_training_step_matches_eager(affinity):
     hooks.remove()
 
 
+def test_compile_fullgraph_forward_exact():
+    # student forward + FAQDLoss (exact FA, adapters, hooks) in one graph; FFA draws Z from a
+    # torch.Generator, which dynamo cannot trace under fullgraph (it graph-breaks without it).
+    student, x, zt, ft = _setup()
+    loss_fn = FAQDLoss(kd="kl", fa_weight=0.5, label_weight=0.1, adapters=[8, 16])
+    y = torch.arange(4)
+    with FeatureHooks(student, ["layer1", "layer2"]) as hooks:
+
+        def fwd(x, zt, ft, y):
+            return loss_fn(student(x), zt, hooks.features, ft, target=y)
+
+        eager = fwd(x, zt, ft, y)
+        torch._dynamo.reset()
+        compiled = torch.compile(fwd, fullgraph=True)(x, zt, ft, y)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 AUTOCAST = [
     ("cpu", torch.bfloat16),
     pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
