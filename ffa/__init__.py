@@ -2,6 +2,7 @@
 
 from . import reference
 from ._ops import ops
+from .distill import FAQDLoss, FeatureHooks
 from .functional import fast_feature_affinity_loss, feature_affinity_loss
 from .modules import FastFeatureAffinityLoss, FeatureAffinityLoss
 
@@ -12,6 +13,8 @@ __all__ = [
     "fast_feature_affinity_loss",
     "FeatureAffinityLoss",
     "FastFeatureAffinityLoss",
+    "FAQDLoss",
+    "FeatureHooks",
     "ops",
     "reference",
 ]
