@@ -4,7 +4,7 @@
 //   One GEMM per tile gives D directly: D_IJ = [X_S X_T]_I [X_S -X_T]_J^T (K = Cs + Ct).
 //   Tiles are kTile x kTile; only the upper triangle (I <= J) is visited, off-diagonal tiles count
 //   twice. Rows are folded (I with T-1-I) so every task has T+1 tiles. Memory: O(N C) + one tile
-//   per thread (+ one N x Kg gradient buffer per group in the backward); never N x N.
+//   per thread (+ one float64 N x Kg gradient buffer per group in the backward); never N x N.
 //   FLOPs: N^2 (Cs+Ct) forward (half the materialized form's 2 N^2 (Cs+Ct)); backward recomputes
 //   D (same) and adds G_I += sign(D_IJ) Xneg_J, G_J += sign(D_IJ)^T Xneg_I (2 N^2 Kg), Kg =
 //   channels needing a gradient. The floor is the GEMM rate (all operands stay in cache).
@@ -120,16 +120,22 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
   for_each_sample(B, [&](int64_t b) {
     // Folds are split into fixed groups, each accumulating into its own buffer; groups are handed
     // out dynamically and reduced in group order, so the result does not depend on scheduling.
+    // Each tile's GEMM (bj terms) runs in acc_t; the sum over tiles (N / kTile of them) is kept in
+    // float64, so float32 gradients stay accurate at large N.
     const int64_t parts =
         at::in_parallel_region() ? 1 : std::min<int64_t>(folds, 2 * at::get_num_threads());
-    std::vector<acc_t> gbuf(parts * N * Kg, acc_t(0));
+    std::vector<double> gbuf(parts * N * Kg, 0.0);
     const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
     const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
     UnitPair<scalar_t, acc_t> u(sp, vs, tp, vt, acc_t(eps), true);
     const int64_t K = u.K;
     parallel_tasks(parts, [&](int64_t part) {
-      std::vector<acc_t> tile(kTile * kTile);
-      acc_t* G = gbuf.data() + part * N * Kg;
+      std::vector<acc_t> tile(kTile * kTile), tmp(kTile * Kg);
+      double* G = gbuf.data() + part * N * Kg;
+      auto add_tmp = [&](int64_t R0, int64_t rows) {
+        double* dst = G + R0 * Kg;
+        for (int64_t e = 0; e < rows * Kg; ++e) dst[e] += tmp[e];
+      };
       for (int64_t q = part * folds / parts; q < (part + 1) * folds / parts; ++q) {
         for_each_fold_tile(q, T, [&](int64_t I, int64_t J) {
           const int64_t I0 = I * kTile, J0 = J * kTile;
@@ -142,27 +148,32 @@ void fa_l1_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tens
           }
           // G_I [bi x Kg] += sign [bi x bj] Xneg_J [bj x Kg]
           gemm(false, false, bi, Kg, bj, acc_t(1), tile.data(), kTile, u.xneg.data() + J0 * K + c0,
-               K, acc_t(1), G + I0 * Kg, Kg);
-          if (I != J)  // G_J [bj x Kg] += sign^T [bj x bi] Xneg_I [bi x Kg]
+               K, acc_t(0), tmp.data(), Kg);
+          add_tmp(I0, bi);
+          if (I != J) {  // G_J [bj x Kg] += sign^T [bj x bi] Xneg_I [bi x Kg]
             gemm(true, false, bj, Kg, bi, acc_t(1), tile.data(), kTile, u.xneg.data() + I0 * K + c0,
-                 K, acc_t(1), G + J0 * Kg, Kg);
+                 K, acc_t(0), tmp.data(), Kg);
+            add_tmp(J0, bj);
+          }
         });
       }
     });
-    // Reduce the parts in a fixed order into part 0.
+    // Reduce the parts in a fixed order, scaled by 2 g / N^2, into the compute dtype.
+    const double scale = 2.0 * gp[b] / (double(N) * N);
+    std::vector<acc_t> G(N * Kg);
     at::parallel_for(0, N * Kg, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t part = 1; part < parts; ++part) {
-        const acc_t* src = gbuf.data() + part * N * Kg;
-        for (int64_t e = e0; e < e1; ++e) gbuf[e] += src[e];
+      for (int64_t e = e0; e < e1; ++e) {
+        double v = gbuf[e];
+        for (int64_t part = 1; part < parts; ++part) v += gbuf[part * N * Kg + e];
+        G[e] = static_cast<acc_t>(scale * v);
       }
     });
-    const acc_t scale = static_cast<acc_t>(2.0 * gp[b] / (double(N) * N));
     if (need_s)
-      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), gbuf.data(), Kg, scale,
+      unit_pixels_backward<scalar_t, acc_t>(sp, vs, u.ns.data(), acc_t(eps), G.data(), Kg, acc_t(1),
                                             gs.mutable_data_ptr<scalar_t>() + b * Cs * N);
     if (need_t)
       unit_pixels_backward<scalar_t, acc_t>(tp, vt, u.nt.data(), acc_t(eps),
-                                            gbuf.data() + (need_s ? Cs : 0), Kg, scale,
+                                            G.data() + (need_s ? Cs : 0), Kg, acc_t(1),
                                             gt.mutable_data_ptr<scalar_t>() + b * Ct * N);
   });
 }
