@@ -64,6 +64,20 @@ inline void check_projection(const at::Tensor& z, const at::Tensor& student) {
 // channel slices), a copy otherwise. Kernels then read x(b, c, i) = x[b*sb + c*sc + i*sp].
 inline at::Tensor as_pixels(const at::Tensor& x) { return x.flatten(2); }
 
+// Allocates the output y like x and returns a dense input sharing y's strides (a copy only when x
+// is not dense), so elementwise kernels can walk both in memory order.
+inline at::Tensor dense_input(const at::Tensor& x, at::Tensor& y) {
+  y = at::empty_like(x);
+  if (x.strides() == y.strides()) return x;
+  return at::empty_like(y).copy_(x);
+}
+
+// t with like's strides (a copy only when they differ).
+inline at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
 // float32 accumulation for half types, float64 stays float64.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
+
 namespace ffa::cpu::quant {
 
 // Parameters shared by every ISA's loops (cpu/quant_cpu_loops.h).
@@ -213,19 +215,6 @@ void on_compute_spans(const scalar_t* in0, const scalar_t* in1, scalar_t* out, i
 
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// Allocates the output y like x and returns a dense input sharing y's strides (a copy only when x
-// is not dense), so both can be walked in memory order.
-at::Tensor dense_input(const at::Tensor& x, at::Tensor& y) {
-  y = at::empty_like(x);
-  if (x.strides() == y.strides()) return x;
-  return at::empty_like(y).copy_(x);
-}
-
-at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
-  return at::empty_like(like).copy_(t);
-}
 
 void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,

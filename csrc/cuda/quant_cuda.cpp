@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "common.h"
 #include "cuda/quant_kernels.h"
 
 namespace ffa::cuda {
@@ -55,18 +56,6 @@ void check_bits(int64_t bits) {
 
 cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
-
-// Output like x and a dense input sharing its strides (a copy only when x is not dense).
-at::Tensor dense_input(const at::Tensor& x, at::Tensor& y) {
-  y = at::empty_like(x);
-  if (x.strides() == y.strides()) return x;
-  return at::empty_like(y).copy_(x);
-}
-
-at::Tensor match_strides(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
-  return at::empty_like(like).copy_(t);
 }
 
 QLayout layout_of(const at::Tensor& t, std::optional<int64_t> axis) {

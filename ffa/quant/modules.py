@@ -86,7 +86,29 @@ class QuantReLU(nn.Module):
         )
 
 
-class QuantConv2d(nn.Conv2d):
+class _QuantWeight:
+    """What QuantConv2d and QuantLinear share: the bit width and the quantized weight."""
+
+    def __init__(self, *args, w_bits: int = 4, per_channel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_bits = check_bits(w_bits, "w_bits")
+        self.per_channel = bool(per_channel)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return quantize_weight(self.weight, self.w_bits, per_channel=self.per_channel)
+
+    def _adopt(self, float_module: nn.Module):
+        """Shares ``float_module``'s parameter objects (an optimizer holding them still works)."""
+        self.weight = float_module.weight
+        self.bias = float_module.bias
+        self.train(float_module.training)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, per_channel={self.per_channel}"
+
+
+class QuantConv2d(_QuantWeight, nn.Conv2d):
     """``nn.Conv2d`` whose float latent weight is quantized by :func:`quantize_weight` in forward.
 
     Takes ``nn.Conv2d``'s arguments plus ``w_bits`` (1..8, default 4) and ``per_channel``. The bias
@@ -94,14 +116,8 @@ class QuantConv2d(nn.Conv2d):
     (straight-through gradient).
     """
 
-    def __init__(self, *args, w_bits: int = 4, per_channel: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.w_bits = check_bits(w_bits, "w_bits")
-        self.per_channel = bool(per_channel)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = quantize_weight(self.weight, self.w_bits, per_channel=self.per_channel)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int = 4, per_channel: bool = False):
@@ -120,26 +136,14 @@ class QuantConv2d(nn.Conv2d):
             w_bits=w_bits,
             per_channel=per_channel,
         )
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q.train(conv.training)
-        return q
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, per_channel={self.per_channel}"
+        return q._adopt(conv)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_QuantWeight, nn.Linear):
     """``nn.Linear`` with a quantized float latent weight; see :class:`QuantConv2d`."""
 
-    def __init__(self, *args, w_bits: int = 4, per_channel: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.w_bits = check_bits(w_bits, "w_bits")
-        self.per_channel = bool(per_channel)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = quantize_weight(self.weight, self.w_bits, per_channel=self.per_channel)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int = 4, per_channel: bool = False):
@@ -152,13 +156,7 @@ class QuantLinear(nn.Linear):
             w_bits=w_bits,
             per_channel=per_channel,
         )
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q.train(linear.training)
-        return q
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, per_channel={self.per_channel}"
+        return q._adopt(linear)
 
 
 def _skipped(name: str, skip: frozenset[str]) -> bool:
