@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+
 namespace ffa {
 
 inline void check_feature_pair(const at::Tensor& student, const at::Tensor& teacher) {
@@ -22,6 +24,25 @@ inline void check_feature_pair(const at::Tensor& student, const at::Tensor& teac
   TORCH_CHECK(student.device() == teacher.device(),
               "student and teacher must be on the same device");
   TORCH_CHECK(student.size(1) > 0 && teacher.size(1) > 0, "channels must be positive");
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// The argument checks of ffa::fake_quantize(_backward) that need no device read.
+inline void check_fake_quantize_args(const at::Tensor& x, const at::Tensor& scale,
+                                     const at::Tensor& zero_point, int64_t qmin, int64_t qmax) {
+  check_floating(x, "x");
+  check_floating(scale, "scale");
+  TORCH_CHECK_VALUE(qmin < qmax, "quant_min must be less than quant_max, got quant_min=", qmin,
+                    " and quant_max=", qmax);
+  TORCH_CHECK_VALUE(std::abs(qmin) <= (int64_t(1) << 24) && std::abs(qmax) <= (int64_t(1) << 24),
+                    "quant_min and quant_max must lie in [-2^24, 2^24]");
+  TORCH_CHECK_TYPE(zero_point.scalar_type() != at::kBool && !zero_point.is_complex(),
+                   "zero_point must be an integer or floating tensor, got ",
+                   zero_point.scalar_type());
 }
 
 inline void check_p(int64_t p) { TORCH_CHECK(p == 1 || p == 2, "p must be 1 or 2, got ", p); }

@@ -216,11 +216,6 @@ void on_compute_spans(const scalar_t* in0, const scalar_t* in1, scalar_t* out, i
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-}
-
 void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "bits must be one of 1, 2, ..., 8, got ", bits);
 }
@@ -488,15 +483,7 @@ std::vector<double> host_values(const at::Tensor& t) {
 FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                  int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable,
                  bool backward_lsq) {
-  check_floating(x, "x");
-  check_floating(scale, "scale");
-  TORCH_CHECK_VALUE(qmin < qmax, "quant_min must be less than quant_max, got quant_min=", qmin,
-                    " and quant_max=", qmax);
-  TORCH_CHECK_VALUE(std::abs(qmin) <= (int64_t(1) << 24) && std::abs(qmax) <= (int64_t(1) << 24),
-                    "quant_min and quant_max must lie in [-2^24, 2^24]");
-  TORCH_CHECK_TYPE(zero_point.scalar_type() != at::kBool && !zero_point.is_complex(),
-                   "zero_point must be an integer or floating tensor, got ",
-                   zero_point.scalar_type());
+  check_fake_quantize_args(x, scale, zero_point, qmin, qmax);
   FqSetup s;
   if (axis.has_value()) {
     int64_t ax = *axis;

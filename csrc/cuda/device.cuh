@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/launch.h"
 
@@ -200,5 +201,20 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+
+// Runs f(T{}) with the element type T of a runtime Dtype (host side).
+template <typename F>
+cudaError_t dispatch_dtype(Dtype t, F&& f) {
+  switch (t) {
+    case Dtype::kHalf: return f(__half{});
+    case Dtype::kBFloat16: return f(__nv_bfloat16{});
+    case Dtype::kFloat: return f(float{});
+    case Dtype::kDouble: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 }  // namespace ffa::cuda

@@ -545,20 +545,6 @@ __global__ void __launch_bounds__(256, 2)
 }
 
 // ---- host side -------------------------------------------------------------------------------
-template <typename F>
-cudaError_t dispatch_dtype(Dtype t, F&& f) {
-  switch (t) {
-    case Dtype::kHalf: return f(__half{});
-    case Dtype::kBFloat16: return f(__nv_bfloat16{});
-    case Dtype::kFloat: return f(float{});
-    case Dtype::kDouble: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 PackArgs l1_pack_args(const Pair& in, const FaL1Plan& plan, bool tf32) {
   PackArgs a{};
   a.s = in.s;

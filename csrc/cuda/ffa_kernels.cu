@@ -375,20 +375,6 @@ __global__ void __launch_bounds__(kBP)
 }
 
 // ---- host side -------------------------------------------------------------------------------
-template <typename F>
-cudaError_t dispatch_dtype(Dtype t, F&& f) {
-  switch (t) {
-    case Dtype::kHalf: return f(__half{});
-    case Dtype::kBFloat16: return f(__nv_bfloat16{});
-    case Dtype::kFloat: return f(float{});
-    case Dtype::kDouble: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 int64_t num_blocks(int64_t N) { return ceil_div(N, kBP); }
 
 size_t project_smem(int64_t C, size_t as, bool resident) {

@@ -40,11 +40,6 @@ QDtype qdtype(at::ScalarType t) {
   }
 }
 
-void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-}
-
 void check_on_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name,
               " must be a CUDA tensor here (the CUDA kernel was dispatched), got ", t.device());
@@ -189,15 +184,7 @@ double host_scalar(const at::Tensor& t) { return t.to(at::kDouble).item<double>(
 
 FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable) {
-  check_floating(x, "x");
-  check_floating(scale, "scale");
-  TORCH_CHECK_VALUE(qmin < qmax, "quant_min must be less than quant_max, got quant_min=", qmin,
-                    " and quant_max=", qmax);
-  TORCH_CHECK_VALUE(std::abs(qmin) <= (int64_t(1) << 24) && std::abs(qmax) <= (int64_t(1) << 24),
-                    "quant_min and quant_max must lie in [-2^24, 2^24]");
-  TORCH_CHECK_TYPE(zero_point.scalar_type() != at::kBool && !zero_point.is_complex(),
-                   "zero_point must be an integer or floating tensor, got ",
-                   zero_point.scalar_type());
+  check_fake_quantize_args(x, scale, zero_point, qmin, qmax);
   const bool float_zp = at::isFloatingType(zero_point.scalar_type());
   FqArgs a;
   a.f.qmin = qmin;
