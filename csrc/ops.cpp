@@ -34,6 +34,9 @@ TORCH_LIBRARY(ffa, m) {
       "ffa_loss_philox_backward(Tensor grad, Tensor student, Tensor teacher, Tensor y, "
       "Tensor p_s, Tensor p_t, int k, int p, float eps, int seed, int offset, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // The probes Z [1, N, k] (compute dtype of `like`, N = like's H * W) that ffa_loss_philox draws
+  // for (k, seed, offset): for the paths that need Z as a tensor (double backward).
+  m.def("philox_probes(Tensor like, int k, int seed, int offset) -> Tensor");
   // ---- low-bit fake quantization (ffa.quant) ---------------------------------------------
   // The paper's weight quantizers (bits 1, 2, 4; 3, 5-8 generalized), one scale per tensor or per
   // output channel (dim 0). The gradient is straight-through (identity), so there is no backward op.

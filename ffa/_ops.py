@@ -5,15 +5,32 @@ The flow is one-way: ffa.functional -> torch.ops.ffa.* (dispatcher) -> CPU/CUDA 
 
 from __future__ import annotations
 
+import pathlib
+
 import torch
+
+from ._autograd import no_double_backward, no_jvp, registers_autograd
+
+
+def _load_error(package: pathlib.Path) -> str:
+    if (package.parent / "pyproject.toml").exists() and not any(package.glob("_C*")):
+        return (
+            f"ffa was imported from its source checkout ({package}), which has no built extension "
+            "and shadows the installed ffa (the current directory comes first on sys.path, e.g. "
+            "with `python -m pytest`). Run from another directory, run `pytest` instead of "
+            "`python -m pytest`, or install the checkout editable: "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return (
+        "ffa's native extension ffa._C failed to load. Build it against the installed torch with "
+        "`pip install --no-build-isolation .` (see README)."
+    )
+
 
 try:
     from . import _C  # noqa: F401  (importing it runs TORCH_LIBRARY(ffa, ...))
 except ImportError as e:  # pragma: no cover - only on a broken install
-    raise ImportError(
-        "ffa's native extension ffa._C failed to load. Build it against the installed torch with "
-        "`pip install --no-build-isolation .` (see README)."
-    ) from e
+    raise ImportError(_load_error(pathlib.Path(__file__).resolve().parent)) from e
 
 ops = torch.ops.ffa
 
@@ -64,44 +81,6 @@ def _(grad, student, teacher, projection, y, p_s, p_t, p, eps, output_mask):
     return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
 
 
-# ---- autograd: backward is itself an op, so it also runs under torch.compile ------------------
-def _fa_setup(ctx, inputs, output):
-    student, teacher, p, eps = inputs
-    ctx.save_for_backward(student, teacher)
-    ctx.p, ctx.eps = p, eps
-
-
-def _fa_backward(ctx, grad):
-    student, teacher = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    gs, gt = ops.fa_loss_backward(grad, student, teacher, ctx.p, ctx.eps, mask)
-    return (gs if mask[0] else None), (gt if mask[1] else None), None, None
-
-
-torch.library.register_autograd("ffa::fa_loss", _fa_backward, setup_context=_fa_setup)
-
-
-def _ffa_setup(ctx, inputs, output):
-    student, teacher, projection, p, eps = inputs
-    _, y, p_s, p_t = output
-    ctx.mark_non_differentiable(y, p_s, p_t)
-    ctx.save_for_backward(student, teacher, projection, y, p_s, p_t)
-    ctx.p, ctx.eps = p, eps
-
-
-def _ffa_backward(ctx, grad, _gy, _gps, _gpt):
-    student, teacher, projection, y, p_s, p_t = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    gs, gt = ops.ffa_loss_backward(
-        grad, student, teacher, projection, y, p_s, p_t, ctx.p, ctx.eps, mask
-    )
-    return (gs if mask[0] else None), (gt if mask[1] else None), None, None, None
-
-
-torch.library.register_autograd("ffa::ffa_loss", _ffa_backward, setup_context=_ffa_setup)
-
-
-# ---- FFA with on-the-fly Philox probes (ffa_loss_philox) -----------------------------------------
 @torch.library.register_fake("ffa::ffa_loss_philox")
 def _(student, teacher, k, p, eps, seed, offset):
     return _ffa_outputs(student, teacher, k)
@@ -112,26 +91,272 @@ def _(grad, student, teacher, y, p_s, p_t, k, p, eps, seed, offset, output_mask)
     return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
 
 
-def _ffa_philox_setup(ctx, inputs, output):
-    student, teacher, k, p, eps, seed, offset = inputs
-    _, y, p_s, p_t = output
-    ctx.mark_non_differentiable(y, p_s, p_t)
-    ctx.save_for_backward(student, teacher, y, p_s, p_t)
-    ctx.k, ctx.p, ctx.eps, ctx.seed, ctx.offset = k, p, eps, seed, offset
+@torch.library.register_fake("ffa::philox_probes")
+def _(like, k, seed, offset):
+    return like.new_empty(1, like.shape[2] * like.shape[3], k, dtype=compute_dtype(like.dtype))
 
 
-def _ffa_philox_backward(ctx, grad, _gy, _gps, _gpt):
-    student, teacher, y, p_s, p_t = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    gs, gt = ops.ffa_loss_philox_backward(
-        grad, student, teacher, y, p_s, p_t, ctx.k, ctx.p, ctx.eps, ctx.seed, ctx.offset, mask
-    )
-    return (gs if mask[0] else None), (gt if mask[1] else None), None, None, None, None, None
+# ---- autograd (ffa/_autograd.py): every mode either works or raises -----------------------------
+# Reverse mode: the backward ops. Forward mode: each loss is one number per sample, so its tangent
+# is <dL_b/ds_b, ts_b> + <dL_b/dt_b, tt_b>: the backward op at grad = 1 contracted with the
+# tangents (exact, the cost of one backward). Double backward: FA p=2 and FFA differentiate their
+# gradient in torch ops (ffa.portable); FA p=1's would need another tiled kernel and raises, and so
+# does forward-over-reverse for every loss.
+def _mask(ctx) -> list[bool]:
+    return [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
 
 
-torch.library.register_autograd(
-    "ffa::ffa_loss_philox", _ffa_philox_backward, setup_context=_ffa_philox_setup
-)
+def _contract(grads, tangents, dtype) -> torch.Tensor:
+    """Per-sample sum_i g_i t_i over the pairs whose tangent is not None."""
+    terms = [
+        (g.to(dtype) * t.to(dtype)).flatten(1).sum(1)
+        for g, t in zip(grads, tangents, strict=True)
+        if t is not None
+    ]
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _loss_jvp(backward_op, args, loss_dtype, ts, tt) -> torch.Tensor:
+    """The tangent of a per-sample loss: ``backward_op`` at grad = 1, contracted with (ts, tt)."""
+    student = args[0]
+    ones = torch.ones(student.shape[0], dtype=loss_dtype, device=student.device)
+    grads = backward_op(ones, *args, [ts is not None, tt is not None])
+    return _contract(grads, (ts, tt), loss_dtype)
+
+
+class _SmoothGradient:
+    """The backward op's math, (grad, s, t) -> grad_b * dL_b/d(s, t), in differentiable torch ops.
+
+    ``loss_fn(s, t)`` is the per-sample loss [B] (ffa.portable). torch.func differentiates it once
+    more for the backward ops' double backward (a vjp): right under torch.func transforms too, and
+    differentiable again (third order) when asked to.
+    """
+
+    def __init__(self, loss_fn, grad, student, teacher):
+        self.loss_fn, self.primals = loss_fn, (grad, student, teacher)
+
+    def __call__(self, grad, student, teacher):
+        def weighted(s, t):
+            loss = self.loss_fn(s, t)
+            return (loss * grad.to(loss.dtype)).sum()
+
+        return torch.func.grad(weighted, argnums=(0, 1))(student, teacher)
+
+    def vjp(self, ggs, ggt, needs):
+        pairs = ((ggs, self.primals[1]), (ggt, self.primals[2]))
+        cotangents = tuple(torch.zeros_like(x) if g is None else g for g, x in pairs)
+        grads = torch.func.vjp(self, *self.primals)[1](cotangents)
+        return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
+def _forward_over_reverse(op: str):
+    # The jvp of a gradient would need a transform nested inside a jvp rule, which functorch and
+    # forward-mode AD do not support (internal assert / "nested forward mode AD").
+    def jvp(ctx, *tangents):
+        raise no_jvp(
+            op,
+            "(forward-over-reverse, e.g. torch.func.hessian or jacfwd(jacrev(f))); use "
+            "reverse-over-reverse: torch.func.jacrev(torch.func.jacrev(f)) or "
+            "torch.autograd.functional.hessian",
+        )
+
+    return staticmethod(jvp)
+
+
+@registers_autograd("fa_loss")
+class FaLoss(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, teacher, p, eps = inputs
+        ctx.save_for_backward(student, teacher)
+        ctx.save_for_forward(student, teacher)
+        ctx.p, ctx.eps, ctx.loss_dtype = p, eps, output.dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask = _mask(ctx)
+        gs, gt = ops.fa_loss_backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps, mask)
+        return (gs if mask[0] else None), (gt if mask[1] else None), None, None
+
+    @staticmethod
+    def jvp(ctx, ts, tt, _p, _eps):
+        args = (*ctx.saved_tensors, ctx.p, ctx.eps)
+        return _loss_jvp(ops.fa_loss_backward, args, ctx.loss_dtype, ts, tt)
+
+
+@registers_autograd("fa_loss_backward")
+class FaLossBackward(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, student, teacher, p, eps, _ = inputs
+        ctx.save_for_backward(grad, student, teacher)
+        ctx.p, ctx.eps = p, eps
+
+    @staticmethod
+    def backward(ctx, ggs, ggt):
+        if ctx.p == 1:
+            raise no_double_backward("fa_loss_backward", "for p=1 (second derivatives of FA p=1)")
+        return *_fa_gradient(ctx).vjp(ggs, ggt, ctx.needs_input_grad[:3]), None, None, None
+
+    jvp = _forward_over_reverse("fa_loss_backward")
+
+
+def _fa_gradient(ctx) -> _SmoothGradient:
+    from . import portable
+
+    return _SmoothGradient(lambda s, t: portable.fa_loss(s, t, 2, ctx.eps), *ctx.saved_tensors)
+
+
+@registers_autograd("ffa_loss")
+class FfaLoss(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, teacher, projection, p, eps = inputs
+        loss, y, p_s, p_t = output
+        ctx.mark_non_differentiable(y, p_s, p_t)
+        ctx.save_for_backward(student, teacher, projection, y, p_s, p_t)
+        ctx.save_for_forward(student, teacher, projection, y, p_s, p_t)
+        ctx.p, ctx.eps, ctx.loss_dtype = p, eps, loss.dtype
+
+    @staticmethod
+    def backward(ctx, grad, _gy, _gps, _gpt):
+        mask = _mask(ctx)
+        gs, gt = ops.ffa_loss_backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps, mask)
+        return (gs if mask[0] else None), (gt if mask[1] else None), None, None, None
+
+    @staticmethod
+    def jvp(ctx, ts, tt, tz, _p, _eps):
+        if tz is not None:
+            raise no_jvp("ffa_loss", "w.r.t. the projection (a constant of the estimator)")
+        args = (*ctx.saved_tensors, ctx.p, ctx.eps)
+        return _loss_jvp(ops.ffa_loss_backward, args, ctx.loss_dtype, ts, tt), None, None, None
+
+
+@registers_autograd("ffa_loss_backward")
+class FfaLossBackward(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, student, teacher, projection, _y, _p_s, _p_t, p, eps, _ = inputs
+        ctx.save_for_backward(grad, student, teacher, projection)
+        ctx.p, ctx.eps = p, eps
+
+    @staticmethod
+    def backward(ctx, ggs, ggt):
+        grad, s, t, z = ctx.saved_tensors
+        gradient = _ffa_gradient(grad, s, t, z, ctx.p, ctx.eps)
+        return *gradient.vjp(ggs, ggt, ctx.needs_input_grad[:3]), *[None] * 7
+
+    jvp = _forward_over_reverse("ffa_loss_backward")
+
+
+def _ffa_gradient(grad, student, teacher, z, p, eps) -> _SmoothGradient:
+    from . import portable
+
+    return _SmoothGradient(lambda s, t: portable.ffa_loss(s, t, z, p, eps), grad, student, teacher)
+
+
+@registers_autograd("ffa_loss_philox")
+class FfaLossPhilox(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, teacher, k, p, eps, seed, offset = inputs
+        loss, y, p_s, p_t = output
+        ctx.mark_non_differentiable(y, p_s, p_t)
+        ctx.save_for_backward(student, teacher, y, p_s, p_t)
+        ctx.save_for_forward(student, teacher, y, p_s, p_t)
+        ctx.cfg, ctx.loss_dtype = (k, p, eps, seed, offset), loss.dtype
+
+    @staticmethod
+    def backward(ctx, grad, _gy, _gps, _gpt):
+        mask = _mask(ctx)
+        gs, gt = ops.ffa_loss_philox_backward(grad, *ctx.saved_tensors, *ctx.cfg, mask)
+        return (gs if mask[0] else None), (gt if mask[1] else None), *[None] * 5
+
+    @staticmethod
+    def jvp(ctx, ts, tt, *_):
+        args = (*ctx.saved_tensors, *ctx.cfg)
+        tangent = _loss_jvp(ops.ffa_loss_philox_backward, args, ctx.loss_dtype, ts, tt)
+        return tangent, None, None, None
+
+
+@registers_autograd("ffa_loss_philox_backward")
+class FfaLossPhiloxBackward(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, student, teacher, _y, _p_s, _p_t, k, p, eps, seed, offset, _ = inputs
+        ctx.save_for_backward(grad, student, teacher)
+        ctx.cfg = (k, p, eps, seed, offset)
+
+    @staticmethod
+    def backward(ctx, ggs, ggt):
+        return *_philox_gradient(ctx).vjp(ggs, ggt, ctx.needs_input_grad[:3]), *[None] * 9
+
+    jvp = _forward_over_reverse("ffa_loss_philox_backward")
+
+
+def _philox_gradient(ctx) -> _SmoothGradient:
+    grad, student, teacher = ctx.saved_tensors
+    k, p, eps, seed, offset = ctx.cfg
+    z = philox_probes(student, k, seed, offset)
+    return _ffa_gradient(grad, student, teacher, z, p, eps)
+
+
+def philox_probes(student: torch.Tensor, k: int, seed: int, offset: int) -> torch.Tensor:
+    """The Z [1, N, k] that ffa_loss_philox(student, ..., k, seed, offset) draws, on its device.
+
+    Generated by the CPU op (the stream the CUDA kernels draw on the fly) and moved: only paths
+    that need Z as a tensor (double backward) call it.
+    """
+    like = torch.empty((1, 1, *student.shape[2:]), dtype=student.dtype)
+    return ops.philox_probes(like, k, seed, offset).to(student.device)
+
+
+# ---- vmap: a vmapped dimension folds into the sample batch ---------------------------------------
+# Each sample's loss depends on that sample alone, so the op vmapped over V is the op on V * B
+# samples: one kernel call instead of torch's per-slice fallback (per-sample gradients, jacrev).
+def _fold(x, dim, v, b):
+    """[V * b, ...] from x: its vmapped dim (or V broadcast copies) times its per-sample dim 0 (of
+    size b, or 1 to broadcast)."""
+    x = x.movedim(dim, 0) if dim is not None else x.expand(v, *x.shape)
+    return x.expand(v, b, *x.shape[2:]).reshape(v * b, *x.shape[2:])
+
+
+def _unfold(x, v, b):
+    """(x as [V, b, ...], 0); an empty [0] gradient that was not asked for stays unbatched."""
+    if x.dim() == 1 and x.shape[0] == 0 and v * b != 0:
+        return x, None
+    return x.unflatten(0, (v, b)), 0
+
+
+def _register_vmap(name: str, student: int, projection: int | None = None) -> None:
+    """Fold rule for ``ffa::name``: every tensor argument is per sample (dim 0), except a
+    ``projection`` [Bz, N, k] that, unbatched with Bz = 1, stays shared by all samples."""
+
+    def rule(info, in_dims, *args):
+        v = info.batch_size
+        d = in_dims[student]
+        b = args[student].shape[1 if d == 0 else 0] if d is not None else args[student].shape[0]
+        folded = [
+            a
+            if not isinstance(a, torch.Tensor) or (i == projection and dim is None and len(a) == 1)
+            else _fold(a, dim, v, b)
+            for i, (a, dim) in enumerate(zip(args, in_dims, strict=True))
+        ]
+        out = getattr(ops, name)(*folded)
+        if isinstance(out, torch.Tensor):
+            return _unfold(out, v, b)
+        pairs = [_unfold(o, v, b) for o in out]
+        return tuple(o for o, _ in pairs), tuple(dim for _, dim in pairs)
+
+    torch.library.register_vmap(f"ffa::{name}", rule)
+
+
+_register_vmap("fa_loss", student=0)
+_register_vmap("fa_loss_backward", student=1)
+_register_vmap("ffa_loss", student=0, projection=2)
+_register_vmap("ffa_loss_backward", student=1, projection=3)
+_register_vmap("ffa_loss_philox", student=0)
+_register_vmap("ffa_loss_philox_backward", student=1)
 
 
 def philox_seed_offset(generator: torch.Generator, numel: int) -> tuple[int, int]:

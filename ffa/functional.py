@@ -136,7 +136,10 @@ def fast_feature_affinity_loss(
             seed, offset = philox_seed_offset(gen, n * k)
             loss = ops.ffa_loss_philox(student, teacher, k, p, float(eps), seed, offset)[0]
             return reduce(loss, reduction)
-        z = torch.randn((1, n, k), generator=generator, device=student.device, dtype=cdtype)
+        # generator=None is left out: randn's generator overload needs concrete sizes, so passing
+        # it breaks torch.compile with dynamic shapes.
+        extra = {} if generator is None else {"generator": generator}
+        z = torch.randn((1, n, k), device=student.device, dtype=cdtype, **extra)
     else:
         if not isinstance(projection, torch.Tensor):
             raise TypeError(f"projection must be a torch.Tensor, got {type(projection).__name__}")

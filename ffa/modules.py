@@ -44,6 +44,8 @@ class FastFeatureAffinityLoss(nn.Module):
             raise ValueError(f"k must be a positive int, got {k!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if seed is not None and seed >= 2**64:  # torch.Generator seeds are 64-bit
+            raise ValueError(f"seed must be below 2**64 (a 64-bit generator seed), got {seed!r}")
         self.k, self.p, self.reduction, self.eps = k, p, reduction, eps
         self.seed = secrets.randbits(63) if seed is None else seed
         self._generators: dict[torch.device, torch.Generator] = {}

@@ -180,3 +180,19 @@ def test_compile_cpu():
 
 def test_exported_names():
     assert ffa.ops.ffa_loss_philox is ops.ffa_loss_philox
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_philox_probes_op(dtype):
+    """ffa::philox_probes returns the Z that ffa_loss_philox draws (the NumPy Philox's values)."""
+    like = torch.empty(1, 1, 6, 7, dtype=dtype)
+    z = ops.philox_probes(like, 5, 987654321, 12)
+    assert z.shape == (1, 42, 5) and z.dtype == (
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    torch.testing.assert_close(
+        z[0].double(), philox_normals(42, 5, 987654321, 12), rtol=1e-6, atol=1e-6
+    )
+    torch.library.opcheck(ops.philox_probes.default, (like, 5, 987654321, 12))
+    with pytest.raises(RuntimeError, match="like must be 4-D"):
+        ops.philox_probes(torch.empty(3), 5, 1, 0)

@@ -204,6 +204,7 @@ def test_module_constructors(cls, kwargs, match):
         ({"seed": 1.0}, "seed must be a non-negative int or None"),
         ({"seed": "0"}, "seed must be a non-negative int or None"),
         ({"seed": True}, "seed must be a non-negative int or None"),
+        ({"seed": 2**64}, r"seed must be below 2\*\*64"),
     ],
 )
 def test_fast_module_constructor(kwargs, match):
@@ -275,3 +276,16 @@ def test_direct_op_bad_input(case):
     op, args, match = _op_cases()[case]
     with pytest.raises(RuntimeError, match=match):
         op(*args)
+
+
+def test_source_checkout_without_build_says_so(tmp_path):
+    """An unbuilt source checkout that shadows the installed ffa is named as the cause."""
+    from ffa._ops import _load_error
+
+    (tmp_path / "ffa").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'ffa'\n")
+    msg = _load_error(tmp_path / "ffa")
+    assert "imported from its source checkout" in msg and "shadows the installed ffa" in msg
+    assert "pip install --no-build-isolation -e ." in msg
+    (tmp_path / "ffa" / "_C.abi3.so").write_text("")  # built, yet failing: a broken build
+    assert "failed to load" in _load_error(tmp_path / "ffa")

@@ -21,6 +21,7 @@ namespace {
 using FfaOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor philox_probes(const at::Tensor& student, int64_t k, int64_t seed, int64_t offset) {
+  TORCH_CHECK(student.dim() == 4, "like must be 4-D [B,C,H,W], got ", student.dim(), "-D");
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "offset must be a non-negative multiple of 4 (a Philox offset), got ", offset);
@@ -73,6 +74,12 @@ std::tuple<at::Tensor, at::Tensor> ffa_loss_philox_backward_cpu(
 TORCH_LIBRARY_IMPL(ffa, CPU, m) {
   m.impl("ffa_loss_philox", &ffa_loss_philox_cpu);
   m.impl("ffa_loss_philox_backward", &ffa_loss_philox_backward_cpu);
+  m.impl("philox_probes", &philox_probes);
+}
+
+// Z is a constant of the estimator: nothing to differentiate.
+TORCH_LIBRARY_IMPL(ffa, Autograd, m) {
+  m.impl("philox_probes", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace ffa::cpu

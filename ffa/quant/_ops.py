@@ -1,13 +1,15 @@
 """Fake (meta) kernels and autograd for the ffa quantization ops (schemas in csrc/ops.cpp).
 
 Backward passes are ops too (``quant_relu_backward``, ``fake_quantize_backward``), so they run under
-torch.compile; ``quantize_weight`` needs none: its gradient is straight-through (identity).
+torch.compile; ``quantize_weight`` needs none: its gradient is straight-through (identity). The
+autograd of every op (reverse, forward, double backward) is one Function per op, below.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._autograd import no_double_backward, no_jvp, registers_autograd
 from .._ops import ops
 
 __all__ = ["ops"]
@@ -47,61 +49,149 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, axis, learnable, grad_fa
     )
 
 
-# ---- autograd ------------------------------------------------------------------------------------
-def _qw_setup(ctx, inputs, output):
-    pass
+# ---- autograd (ffa/_autograd.py) -----------------------------------------------------------------
+# Every quantizer's input gradient is the upstream gradient times a mask (straight-through): a
+# diagonal Jacobian. So the forward-mode tangent w.r.t. x is the backward op applied to the tangent,
+# and the backward ops, linear in their upstream gradient, are their own derivative w.r.t. it (the
+# mask is piecewise constant: its derivative w.r.t. x, alpha, scale and zero point is 0). The step
+# and qparam gradients (quant_relu's clamped sum, LSQ's reductions) have no such form: their forward
+# mode and double backward raise, as torch's LSQ ops do.
+@registers_autograd("quantize_weight")
+class QuantizeWeight(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None  # straight-through: the latent float weight gets the gradient as is
+
+    @staticmethod
+    def jvp(ctx, tw, _bits, _per_channel):
+        return tw
 
 
-def _qw_backward(ctx, grad):
-    return grad, None, None  # straight-through: the latent float weight gets the gradient as is
+def _x_part(backward_op, g, ctx, width: int) -> torch.Tensor | None:
+    """The x-gradient of ``backward_op`` for upstream ``g``: the mask applied to g (None: None)."""
+    if g is None:
+        return None
+    return backward_op(g, *ctx.saved_tensors, *ctx.cfg, [True] + [False] * (width - 1))[0]
 
 
-torch.library.register_autograd("ffa::quantize_weight", _qw_backward, setup_context=_qw_setup)
+@registers_autograd("quant_relu")
+class QuantRelu(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, alpha, *cfg = inputs
+        ctx.save_for_backward(x, alpha)
+        ctx.save_for_forward(x, alpha)
+        ctx.cfg = tuple(cfg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        gx, ga = ops.quant_relu_backward(grad, *ctx.saved_tensors, *ctx.cfg, mask)
+        return (gx if mask[0] else None), (ga if mask[1] else None), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, talpha, *_):
+        if talpha is not None:
+            raise no_jvp("quant_relu", "w.r.t. alpha (its gradient is a clamped sum)")
+        return _x_part(ops.quant_relu_backward, tx, ctx, 2)
 
 
-def _qrelu_setup(ctx, inputs, output):
-    x, alpha, bits, ste, alpha_grad, rate = inputs
-    ctx.save_for_backward(x, alpha)
-    ctx.cfg = (bits, ste, alpha_grad, rate)
+@registers_autograd("quant_relu_backward")
+class QuantReluBackward(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _grad, x, alpha, *cfg, output_mask = inputs
+        ctx.save_for_backward(x, alpha)
+        ctx.save_for_forward(x, alpha)
+        ctx.cfg, ctx.output_mask = tuple(cfg), list(output_mask)
+
+    @staticmethod
+    def backward(ctx, ggx, gga):
+        if gga is not None:
+            raise no_double_backward("quant_relu_backward", "through the alpha gradient")
+        wanted = ctx.needs_input_grad[0] and ctx.output_mask[0]
+        gg = _x_part(ops.quant_relu_backward, ggx, ctx, 2) if wanted else None
+        return gg, *[None] * 7
+
+    @staticmethod
+    def jvp(ctx, tgrad, *_):
+        if tgrad is not None and ctx.output_mask[1]:
+            raise no_jvp("quant_relu_backward", "of the alpha gradient (a clamped sum)")
+        return (
+            _x_part(ops.quant_relu_backward, tgrad, ctx, 2) if ctx.output_mask[0] else None
+        ), None
 
 
-def _qrelu_backward(ctx, grad):
-    x, alpha = ctx.saved_tensors
-    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    gx, ga = ops.quant_relu_backward(grad, x, alpha, *ctx.cfg, mask)
-    return (gx if mask[0] else None), (ga if mask[1] else None), None, None, None, None
+def _refuse_constant_qparams_with_grad(ctx, learnable: bool) -> None:
+    """torch's non-learnable fake-quantize ops refuse qparams that require grad; so does ffa."""
+    if learnable:
+        return
+    for i, name in ((1, "scale"), (2, "zero_point")):
+        if ctx.needs_input_grad[i]:
+            raise RuntimeError(
+                "ffa::fake_quantize with learnable=False is not differentiable with respect to "
+                f"{name}, which requires grad: pass learnable=True to learn it, or detach it"
+            )
 
 
-torch.library.register_autograd("ffa::quant_relu", _qrelu_backward, setup_context=_qrelu_setup)
+@registers_autograd("fake_quantize")
+class FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, zero_point, *cfg = inputs
+        _refuse_constant_qparams_with_grad(ctx, cfg[3])
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.save_for_forward(x, scale, zero_point)
+        ctx.cfg = tuple(cfg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        learnable = ctx.cfg[3]
+        mask = [
+            bool(ctx.needs_input_grad[0]),
+            bool(learnable and ctx.needs_input_grad[1]),
+            bool(learnable and ctx.needs_input_grad[2]),
+        ]
+        gx, gs, gz = ops.fake_quantize_backward(grad, *ctx.saved_tensors, *ctx.cfg, mask)
+        return (
+            (gx if mask[0] else None),
+            (gs if mask[1] else None),
+            (gz if mask[2] else None),
+            *[None] * 5,
+        )
+
+    @staticmethod
+    def jvp(ctx, tx, tscale, tzero_point, *_):
+        if tscale is not None or tzero_point is not None:
+            what = "learnable" if ctx.cfg[3] else "non-learnable (they are constants there)"
+            raise no_jvp("fake_quantize", f"w.r.t. scale or zero_point ({what})")
+        return _x_part(ops.fake_quantize_backward, tx, ctx, 3)
 
 
-def _fq_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max, axis, learnable, grad_factor = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.cfg = (quant_min, quant_max, axis, learnable, grad_factor)
+@registers_autograd("fake_quantize_backward")
+class FakeQuantizeBackward(torch.autograd.Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _grad, x, scale, zero_point, *cfg, output_mask = inputs
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.save_for_forward(x, scale, zero_point)
+        ctx.cfg, ctx.output_mask = tuple(cfg), list(output_mask)
 
+    @staticmethod
+    def backward(ctx, ggx, ggs, ggz):
+        if ggs is not None or ggz is not None:
+            raise no_double_backward("fake_quantize_backward", "through the LSQ qparam gradients")
+        wanted = ctx.needs_input_grad[0] and ctx.output_mask[0]
+        gg = _x_part(ops.fake_quantize_backward, ggx, ctx, 3) if wanted else None
+        return gg, *[None] * 9
 
-def _fq_backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    quant_min, quant_max, axis, learnable, grad_factor = ctx.cfg
-    mask = [
-        bool(ctx.needs_input_grad[0]),
-        bool(learnable and ctx.needs_input_grad[1]),
-        bool(learnable and ctx.needs_input_grad[2]),
-    ]
-    gx, gs, gz = ops.fake_quantize_backward(
-        grad, x, scale, zero_point, quant_min, quant_max, axis, learnable, grad_factor, mask
-    )
-    return (
-        (gx if mask[0] else None),
-        (gs if mask[1] else None),
-        (gz if mask[2] else None),
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("ffa::fake_quantize", _fq_backward, setup_context=_fq_setup)
+    @staticmethod
+    def jvp(ctx, tgrad, *_):
+        if tgrad is not None and (ctx.output_mask[1] or ctx.output_mask[2]):
+            raise no_jvp("fake_quantize_backward", "of the LSQ qparam gradients")
+        gx = _x_part(ops.fake_quantize_backward, tgrad, ctx, 3) if ctx.output_mask[0] else None
+        return gx, None, None
