@@ -1,4 +1,4 @@
-"""GPU numbers of the CUDA loss kernels (issue 3), as fractions of ceilings measured in this run.
+"""GPU numbers of the CUDA loss kernels, as fractions of ceilings measured in this run.
 
 - FA p=1, bf16, B=8, C=64 (student and teacher), 128x128: fwd+bwd time; FLOPs actually needed
   (the symmetric half: forward N^2 K, backward N^2 K + 2 N^2 Kg, K = Cs + Ct, Kg = Cs) over the

@@ -11,8 +11,8 @@ paper's formulation) and torch.compile of it, ffa's exact FA and FFA kernels, an
 imports; at p=1 (the paper's) and p=2 (see --help for which run which by default).
 
 Outputs (benchmarks/results/<device-tag>/ unless --out): resolution_sweep.csv, .json, .png,
-ffa_error_vs_k.csv, ffa_error_vs_k.png. ``--config issue2`` runs the foundation issue's headline
-cases instead (issue2.csv, issue2.json). Plots are drawn from the CSV files, so
+ffa_error_vs_k.csv, ffa_error_vs_k.png. ``--config targets`` runs the headline target cases with
+their numbers to reach instead (targets.csv, targets.json). Plots are drawn from the CSV files, so
 ``python benchmarks/plot.py DIR`` redraws them.
 """
 
@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         choices=["sweep", *SUITES],
         default="sweep",
-        help="sweep (default): the resolution sweep; issue2: the foundation issue's "
-        "headline cases with their targets (writes issue2.csv/json)",
+        help="sweep (default): the resolution sweep; targets: the headline cases with their "
+        "numbers to reach (writes targets.csv/json)",
     )
     ap.add_argument(
         "--device",
@@ -1130,7 +1130,7 @@ class Target:
     aim: float | None = None
 
 
-def _cases_issue2():
+def _cases_targets():
     c = 64
     return [
         CaseSpec("ffa_fa", 1, 4, c, 64, 64, 15, name="fa1_64_ffa"),
@@ -1149,8 +1149,8 @@ def _cases_issue2():
 
 
 SUITES = {
-    "issue2": dict(
-        cases=_cases_issue2,
+    "targets": dict(
+        cases=_cases_targets,
         targets=[
             Target(
                 "exact FA p=1, B=4, C=64, 64x64, vs torch.compile(reference)",
@@ -1195,7 +1195,7 @@ SUITES = {
                 "ffa_128_reference",
             ),
         ],
-        note="the foundation issue's numbers to reach: fwd+bwd, median of >= 5 runs (the 128x128 "
+        note="the numbers to reach: fwd+bwd, median of >= 5 runs (the 128x128 "
         "p=1 memory cases: 1 run), static torch.compile per case",
     ),
 }

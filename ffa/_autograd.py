@@ -44,12 +44,14 @@ def registers_autograd(op: str):
 
     def decorate(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
         def forward(*args):
-            # Function.apply turns grad modes off for forward; functorch's lower levels (where this
-            # op is dispatched next, under torch.func transforms) must still record, so turn them
-            # back on, as functorch's own autograd.Function rule does. This level's autograd keys
-            # stay excluded: nothing records twice.
-            with torch.enable_grad(), fwAD._set_fwd_grad_enabled(True):
-                with torch._C._AutoDispatchBelowAutograd():
+            with torch._C._AutoDispatchBelowAutograd():
+                if not torch._C._are_functorch_transforms_active():
+                    return overload(*args)
+                # Function.apply turns grad modes off for forward; under torch.func transforms the
+                # op is dispatched next at the lower functorch levels, which must still record:
+                # turn them back on, as functorch's own autograd.Function rule does. (Not without
+                # functorch: the kernel would then see this level's dual tensors.)
+                with torch.enable_grad(), fwAD._set_fwd_grad_enabled(True):
                     return overload(*args)
 
         function.forward = staticmethod(forward)

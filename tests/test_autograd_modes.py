@@ -420,3 +420,24 @@ def test_quant_torch_func_transforms():
         torch.testing.assert_close(torch.func.grad(f)(x), expected)
         torch.testing.assert_close(torch.func.vjp(f, x)[1](torch.tensor(1.0))[0], expected)
         torch.testing.assert_close(torch.func.jacrev(f)(x), expected)
+
+
+def test_quant_forward_over_reverse():
+    """torch.func.hessian (jacfwd of jacrev) through every quantizer equals reverse-over-reverse
+    (and torch's own op's Hessian for fake_quantize)."""
+    x = _x((5,)) * 3
+    alpha = torch.tensor([0.25])
+    cases = [
+        (lambda a: quant_relu(a, alpha, 2).pow(3).sum(), None),
+        (lambda a: quantize_weight(a, 4).pow(3).sum(), None),
+        (
+            lambda a: fake_quantize(a, 0.1, 0, -8, 7).pow(3).sum(),
+            lambda a: torch.fake_quantize_per_tensor_affine(a, 0.1, 0, -8, 7).pow(3).sum(),
+        ),
+    ]
+    for f, theirs in cases:
+        h = torch.func.hessian(f)(x)
+        torch.testing.assert_close(h, torch.func.jacrev(torch.func.jacrev(f))(x))
+        assert h.abs().max() > 0
+        if theirs is not None:
+            torch.testing.assert_close(h, torch.autograd.functional.hessian(theirs, x))

@@ -100,11 +100,34 @@ class QuantRelu(torch.autograd.Function):
         return _x_part(ops.quant_relu_backward, tx, ctx, 2)
 
 
+def _mark_unrequested(ctx, output, output_mask) -> None:
+    """A gradient the backward op was not asked for is an empty placeholder: no derivative."""
+    ctx.mark_non_differentiable(
+        *[o for o, wanted in zip(output, output_mask, strict=True) if not wanted]
+    )
+
+
+def _backward_op_jvp(ctx, op, tgrad, width: int, name: str):
+    """Tangents of a quantizer backward op: the x-gradient is linear in the upstream gradient (a
+    mask, constant in x and the qparams almost everywhere); the qparam gradients have no jvp."""
+    if tgrad is not None and any(ctx.output_mask[1:]):
+        raise no_jvp(name, "of the step / qparam gradients")
+    # Forward AD wants zeros, not None, for a differentiable output (None: the unrequested ones).
+    tangents = [
+        None if not wanted else torch.zeros_like(t)
+        for t, wanted in zip(ctx.saved_tensors, ctx.output_mask, strict=True)
+    ]
+    if tgrad is not None and ctx.output_mask[0]:
+        tangents[0] = _x_part(op, tgrad, ctx, width)
+    return tuple(tangents)
+
+
 @registers_autograd("quant_relu_backward")
 class QuantReluBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _grad, x, alpha, *cfg, output_mask = inputs
+        _mark_unrequested(ctx, output, output_mask)
         ctx.save_for_backward(x, alpha)
         ctx.save_for_forward(x, alpha)
         ctx.cfg, ctx.output_mask = tuple(cfg), list(output_mask)
@@ -119,11 +142,7 @@ class QuantReluBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tgrad, *_):
-        if tgrad is not None and ctx.output_mask[1]:
-            raise no_jvp("quant_relu_backward", "of the alpha gradient (a clamped sum)")
-        return (
-            _x_part(ops.quant_relu_backward, tgrad, ctx, 2) if ctx.output_mask[0] else None
-        ), None
+        return _backward_op_jvp(ctx, ops.quant_relu_backward, tgrad, 2, "quant_relu_backward")
 
 
 def _refuse_constant_qparams_with_grad(ctx, learnable: bool) -> None:
@@ -177,6 +196,7 @@ class FakeQuantizeBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _grad, x, scale, zero_point, *cfg, output_mask = inputs
+        _mark_unrequested(ctx, output, output_mask)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.save_for_forward(x, scale, zero_point)
         ctx.cfg, ctx.output_mask = tuple(cfg), list(output_mask)
@@ -191,7 +211,4 @@ class FakeQuantizeBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tgrad, *_):
-        if tgrad is not None and (ctx.output_mask[1] or ctx.output_mask[2]):
-            raise no_jvp("fake_quantize_backward", "of the LSQ qparam gradients")
-        gx = _x_part(ops.fake_quantize_backward, tgrad, ctx, 3) if ctx.output_mask[0] else None
-        return gx, None, None
+        return _backward_op_jvp(ctx, ops.fake_quantize_backward, tgrad, 3, "fake_quantize_backward")
