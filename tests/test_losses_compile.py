@@ -194,3 +194,32 @@ def test_compile_module_with_generator_across_resolutions(backend):
     for h, w in [(6, 7), (8, 5)]:
         s, t = make_pair(2, 3, 4, h, w, seed=h)
         torch.testing.assert_close(compiled(s, t), eager(s, t), rtol=1e-5, atol=1e-7)
+
+
+def test_export_losses_with_dynamic_shapes():
+    """torch.export of a module using every loss; the program serves other batch sizes and
+    resolutions (the fake kernels are symbolic) and matches eager."""
+
+    class Distill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x, t):
+            y = self.conv(x)
+            n = y.shape[2] * y.shape[3]
+            z = torch.sin(torch.arange(n * 3, dtype=y.dtype).reshape(n, 3))
+            return (
+                ffa.feature_affinity_loss(y, t)
+                + ffa.feature_affinity_loss(y, t, p=2)
+                + ffa.fast_feature_affinity_loss(y, t, projection=z)
+            )
+
+    model = Distill()
+    b, h, w = torch.export.Dim("b"), torch.export.Dim("h", min=2), torch.export.Dim("w", min=2)
+    dims = {0: b, 2: h, 3: w}
+    s, t = make_pair(2, 3, 5, 5, 6, grad=(False, False))
+    program = torch.export.export(model, (s, t), dynamic_shapes={"x": dims, "t": dims})
+    for shape in [(2, 5, 6), (3, 7, 4)]:
+        s, t = make_pair(shape[0], 3, 5, *shape[1:], grad=(False, False), seed=shape[1])
+        torch.testing.assert_close(program.module()(s, t), model(s, t), rtol=1e-5, atol=1e-7)
