@@ -79,11 +79,13 @@ def registers_autograd(op: str):
         apply = super(torch.autograd.Function, function).apply
 
         def autograd_kernel(*args):
-            if _needs_autograd(args):
+            if not _needs_autograd(args):
+                with torch._C._AutoDispatchBelowAutograd():
+                    return overload(*args)
+            if torch._C._are_functorch_transforms_active():
                 with enable_single_level_autograd_function():
                     return apply(*args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return overload(*args)
+            return apply(*args)
 
         _lib.impl(op, autograd_kernel, "Autograd")
         return function
