@@ -146,6 +146,102 @@ def test_quantize_weight_layouts_and_ste(device):
     assert torch.equal(w.grad, g)
 
 
+def _degenerate_weights(device, dtype):
+    """Weights whose per-channel layout is easy to get wrong: (name, weight)."""
+
+    def w(*shape, seed):
+        return randn(*shape, seed=seed, dtype=dtype, device=device, scale=2.0)
+
+    return [
+        ("[C,1] (Linear(1, C))", w(7, 1, seed=0)),
+        ("[C,1,1,1] (Conv2d(1, C, 1))", w(7, 1, 1, 1, seed=1)),
+        ("[C,1,1]", w(7, 1, 1, seed=2)),
+        ("[C,1] strided", w(1, 7, seed=3).t()),
+        ("[C,1,1,1] channels_last", w(7, 1, 1, 1, seed=4).to(memory_format=torch.channels_last)),
+        ("one channel [1,K]", w(1, 9, seed=5)),
+        ("one channel [1,K,3,3]", w(1, 4, 3, 3, seed=6)),
+        ("transposed", w(9, 7, seed=7).t()),
+        ("dim 0 in the middle", w(4, 7, 3, seed=8).transpose(0, 1)),
+        ("dim 0 fastest, 4-D", w(3, 3, 4, 7, seed=9).permute(3, 2, 0, 1)),
+        ("stride-0 rows", w(7, 1, seed=10).expand(7, 5)),
+        ("stride-0 channels", w(1, 5, seed=11).expand(7, 5)),
+        ("stride-0, 4-D", w(7, 1, 1, 1, seed=12).expand(7, 2, 3, 3)),
+        ("sliced", w(14, 5, seed=13)[::2]),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantize_weight_degenerate_layouts(device, dtype, per_channel, bits):
+    # One element per channel, one channel, transposed, stride-0 and non-dense weights: each
+    # channel's statistics in its own accumulator, as the reference (which reshapes) computes them.
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6}[dtype]
+    for name, w in _degenerate_weights(device, dtype):
+        out = quantize_weight(w, bits, per_channel=per_channel)
+        ref = R.quantize_weight(w, bits, per_channel)
+        assert out.shape == w.shape, name
+        if w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last):
+            assert out.stride() == w.stride(), name
+        assert torch.equal(out == 0, ref == 0), name
+        torch.testing.assert_close(out, ref, rtol=tol, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_weight_one_element_per_channel(device):
+    # Per channel, a lone element is its own scale: bits 1 and 2 give it back exactly.
+    w = torch.tensor([[1.0], [2.0], [-4.0]], device=device)
+    for bits in (1, 2):
+        assert torch.equal(quantize_weight(w, bits, per_channel=True), w)
+        assert torch.equal(
+            quantize_weight(w.reshape(3, 1, 1, 1), bits, per_channel=True), w.reshape(3, 1, 1, 1)
+        )
+    for bits in (3, 4, 8):
+        torch.testing.assert_close(quantize_weight(w, bits, per_channel=True), w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_quantize_weight_nan_propagates(device, dtype, bits):
+    # A NaN weight makes its tensor (per channel: its channel) NaN at every width; the other
+    # channels are what they are without it. The reference does the same.
+    nan = float("nan")
+    w = randn(6, 4, 3, seed=bits, dtype=dtype, device=device)
+    w[2, 1, 0] = nan
+    assert quantize_weight(w, bits).isnan().all()
+    assert R.quantize_weight(w, bits).isnan().all()
+    out = quantize_weight(w, bits, per_channel=True)
+    keep = torch.arange(6, device=device) != 2
+    assert out[2].isnan().all() and not out[keep].isnan().any()
+    assert torch.equal(out[keep], quantize_weight(w[keep], bits, per_channel=True))
+    ref = R.quantize_weight(w, bits, True)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=0, equal_nan=True)
+    # One element per channel and transposed weights too.
+    col = randn(5, 1, seed=bits, dtype=dtype, device=device)
+    col[3] = nan
+    for v in (col, col.t().contiguous().t(), col.reshape(5, 1, 1, 1)):
+        out = quantize_weight(v, bits, per_channel=True).reshape(5)
+        assert out.isnan().tolist() == [False, False, False, True, False]
+    wt = randn(4, 6, seed=bits, dtype=dtype, device=device).t()
+    wt[1, 2] = nan
+    out = quantize_weight(wt, bits, per_channel=True)
+    assert out.isnan().all(1).tolist() == [False, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantize_weight_inf_matches_reference(device, per_channel, bits):
+    w = randn(4, 6, seed=bits, device=device)
+    w[1, 2], w[3, 0] = float("inf"), -float("inf")
+    out = quantize_weight(w, bits, per_channel=per_channel)
+    ref = R.quantize_weight(w, bits, per_channel)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=0, equal_nan=True)
+
+
 # ---- QuantReLU -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_FLOATS)

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -256,6 +257,10 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   const std::vector<double> sum = reduce_tasks(sums, T.count, nc);
   std::vector<C> delta(nc, C(0)), scale(nc, C(0));
   for (int64_t c = 0; c < nc; ++c) {
+    if (std::isnan(sum[c])) {  // a NaN weight: its channel's statistics, and outputs, are NaN
+      delta[c] = scale[c] = std::numeric_limits<C>::quiet_NaN();
+      continue;
+    }
     C mx = C(0);
     for (int64_t t = 0; t < T.count; ++t) mx = std::max(mx, maxs[t * nc + c]);
     if (bits == 1) {
@@ -292,6 +297,7 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
     });
     const std::vector<double> a = reduce_tasks(s1, T.count, nc), b = reduce_tasks(s2, T.count, nc);
     for (int64_t c = 0; c < nc; ++c) {
+      if (std::isnan(delta[c])) continue;  // a NaN channel keeps its NaN scale
       if (bits == 2)
         scale[c] = C(a[c]) / count;
       else
@@ -327,11 +333,14 @@ at::Tensor quantize_weight_cpu(const at::Tensor& weight, int64_t bits, bool per_
   const std::optional<int64_t> axis = per_channel ? std::optional<int64_t>(0) : std::nullopt;
   Layout L = layout_of(w, axis);
   at::Tensor out = y;
-  if (L.row) {  // dim 0 is the fastest axis (a transposed weight): work on a contiguous copy
-    w = w.contiguous();
+  if (L.row && L.numel > L.C) {  // dim 0 is the fastest axis (a transposed weight): work on a
+    w = w.contiguous();          // contiguous copy, whose channels are runs of numel / C
     out = at::empty_like(w);
     L = layout_of(w, axis);
   }
+  // The weight loops reduce one channel per span: with one element per channel ([C, 1], [C, 1,
+  // 1, 1]: no copy makes runs longer) the spans are single elements, never rows across channels.
+  L.row = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_weight_cpu",
                                   [&] { quantize_weight_impl<scalar_t>(w, out, bits, L); });
   if (!out.is_same(y)) y.copy_(out);

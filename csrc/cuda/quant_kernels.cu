@@ -216,7 +216,9 @@ __global__ void wq_finish_stats_kernel(const double* __restrict__ psum,
     mx = fmax(mx, pmax[c * splits + s]);
   }
   const C count = C(L.numel / L.C);
-  if (bits == 1) {
+  if (isnan(sum)) {  // a NaN weight: its channel's statistics, and outputs, are NaN
+    delta[c] = scale[c] = nan("");
+  } else if (bits == 1) {
     scale[c] = double(C(sum) / count);
   } else if (bits == 2) {
     const C d = C(0.7) * (C(sum) / count);
@@ -265,9 +267,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 template <typename C>
 __global__ void wq_finish_scale_kernel(const double* __restrict__ p1, const double* __restrict__ p2,
                                        QLayout L, int64_t splits, int bits,
+                                       const double* __restrict__ delta,
                                        double* __restrict__ scale) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= L.C) return;
+  if (c >= L.C || isnan(delta[c])) return;  // a NaN channel keeps its NaN scale
   double a = 0, b = 0;
   for (int64_t s = 0; s < splits; ++s) {
     a += p1[c * splits + s];
@@ -668,7 +671,8 @@ cudaError_t quantize_weight_cuda(QDtype dt, const void* w, void* y, QLayout L, i
     wq_finish_stats_kernel<C><<<fb, kThreads, 0, stream>>>(p1, p2, L, g.splits, bits, delta, scale);
     if (bits >= 2) {
       wq_sums_kernel<T><<<g.blocks, kThreads, 0, stream>>>(wp, L, g.splits, bits, delta, p3, p4);
-      wq_finish_scale_kernel<C><<<fb, kThreads, 0, stream>>>(p3, p4, L, g.splits, bits, scale);
+      wq_finish_scale_kernel<C>
+          <<<fb, kThreads, 0, stream>>>(p3, p4, L, g.splits, bits, delta, scale);
     }
     wq_apply_kernel<T><<<elementwise_blocks(L.numel), kThreads, 0, stream>>>(wp, static_cast<T*>(y),
                                                                              L, bits, delta, scale);
