@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -281,6 +282,28 @@ def test_quant_relu_ties(device, dtype):
     torch.testing.assert_close(alpha.grad, ga)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_FLOATS)
+def test_quant_relu_nonfinite_matches_reference(device, dtype):
+    # NaN stays NaN (its gradient passes as for an in-range x, its step gradient term is 0);
+    # +Inf is the top level, -Inf is 0: exactly the reference's values and gradients.
+    x = randn(64, seed=3, dtype=dtype, device=device, scale=2.0)
+    x[::7] = float("nan")
+    x[1::9], x[2::11] = float("inf"), -float("inf")
+    g = randn(64, seed=4, dtype=dtype, device=device)
+    for ste in ("inplt", "idnty", "relu"):
+        for ag in ("mean", "ae", "pact", "min"):
+            alpha = torch.tensor([0.31], device=device, requires_grad=True)
+            xa = x.clone().requires_grad_()
+            y = quant_relu(xa, alpha, 4, ste=ste, alpha_grad=ag, rate=0.001)
+            torch.testing.assert_close(y, R.quant_relu(x, alpha, 4), rtol=0, atol=0, equal_nan=True)
+            y.backward(g)
+            gi, ga = R.quant_relu_backward(g, x, alpha, 4, ste, ag, 0.001)
+            torch.testing.assert_close(xa.grad, gi, rtol=0, atol=0, equal_nan=True)
+            assert torch.isfinite(alpha.grad).all()
+            torch.testing.assert_close(alpha.grad, ga, rtol=1e-5, atol=1e-6)
+
+
 def test_quant_relu_alpha_clamp_and_module():
     x = torch.linspace(-1, 30, 301)
     big, small = torch.tensor([7.0]), torch.tensor([-1.0])
@@ -512,6 +535,164 @@ def test_fake_quantize_scale_grad_out_of_range():
     y.sum().backward()
     expect = 7 * 7 + (-8) * 7
     assert s.grad.item() == pytest.approx(expect)
+
+
+def _layout_variants(x, axis):
+    """x in the memory layouts a per-channel kernel can get wrong: (name, tensor equal to x)."""
+    d = x.dim()
+    order = [i for i in range(d) if i != axis] + [axis]  # the channel axis fastest in memory
+    yield "contiguous", x
+    yield "channel axis fastest", x.permute(order).contiguous().permute(_inverse(order))
+    rev = list(range(d))[::-1]
+    yield "reversed dims", x.permute(rev).contiguous().permute(rev)
+    for i in range(d):
+        if x.shape[i] > 1:  # stride 0 along dim i (an expanded tensor)
+            yield f"expanded along {i}", x.narrow(i, 0, 1).expand(x.shape)
+    if x.shape[0] > 1:
+        yield "sliced", torch.repeat_interleave(x, 2, dim=0)[::2]
+
+
+def _inverse(perm):
+    return [perm.index(i) for i in range(len(perm))]
+
+
+# (shape, axis): size-1 axes, channel axes of stride 1, one element per channel.
+DEGENERATE_CHANNELS = [
+    ((5, 1), 0),
+    ((5, 1), 1),
+    ((1, 5), 1),
+    ((5, 1, 1, 1), 0),
+    ((5, 1, 1), 0),
+    ((1, 5, 1, 1), 1),
+    ((3, 1, 4), 0),
+    ((3, 4, 1), 1),
+    ((4, 1, 3, 1), 2),
+    ((2, 3), 0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", DEGENERATE_CHANNELS, ids=str)
+def test_fake_quantize_degenerate_layouts_equal_torch(device, case):
+    shape, axis = case
+    c = shape[axis]
+    x0 = randn(*shape, seed=c, device=device, scale=0.3)
+    g = randn(*shape, seed=c + 1, device=device)
+    scale = (torch.rand(c, generator=gen(2)) * 0.05 + 0.01).to(device)
+    zi = torch.randint(-5, 5, (c,), generator=gen(3), dtype=torch.int32).to(device)
+    zf = (torch.randn(c, generator=gen(4)) * 3).to(device)
+    for name, x in _layout_variants(x0, axis):
+        for kind in ("int zero point", "float zero point", "learnable", "learnable per tensor"):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            if kind.startswith("learnable"):
+                s0, z0 = (scale, zf) if kind == "learnable" else (scale[:1], zf[:1])
+                sa, za = s0.clone().requires_grad_(), z0.clone().requires_grad_()
+                sb, zb = s0.clone().requires_grad_(), z0.clone().requires_grad_()
+                if kind == "learnable":
+                    ya = fake_quantize(xa, sa, za, -8, 7, axis=axis, learnable=True)
+                    yb = torch._fake_quantize_learnable_per_channel_affine(
+                        xb, sb, zb, axis, -8, 7, 1.0
+                    )
+                else:
+                    ya = fake_quantize(xa, sa, za, -8, 7, learnable=True)
+                    yb = torch._fake_quantize_learnable_per_tensor_affine(xb, sb, zb, -8, 7, 1.0)
+            else:
+                zp = zi if kind == "int zero point" else zf
+                ya = fake_quantize(xa, scale, zp, -8, 7, axis=axis)
+                yb = torch.fake_quantize_per_channel_affine(xb, scale, zp, axis, -8, 7)
+            ya.backward(g)
+            yb.backward(g)
+            msg = f"{name}, {kind}"
+            assert torch.equal(ya, yb), msg
+            assert torch.equal(xa.grad, xb.grad), msg
+            if kind.startswith("learnable"):
+                torch.testing.assert_close(sa.grad, sb.grad, rtol=1e-5, atol=1e-5, msg=msg)
+                torch.testing.assert_close(za.grad, zb.grad, rtol=1e-5, atol=1e-5, msg=msg)
+
+
+def _with_nonfinite(x):
+    """x with NaN, -Inf, -1e30 (levels below quant_min) and +Inf, 1e30 (above) in every channel,
+    and x with those replaced by finite values far outside the range (the values ffa's rule
+    gives them: a NaN level is below quant_min, levels beyond int64 saturate)."""
+    x = x.clone()
+    sub = x.clone()
+    for k, (v, finite) in enumerate(
+        [(math.nan, -1e4), (-math.inf, -1e4), (-1e30, -1e4), (math.inf, 1e4), (1e30, 1e4)]
+    ):
+        x[:, 2 * k] = v
+        sub[:, 2 * k] = finite
+    return x, sub
+
+
+def _torch_fake_quantize(x, s, z, axis, learnable, gf=1.0):
+    if learnable:
+        if axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(x, s, z, -8, 7, gf)
+        return torch._fake_quantize_learnable_per_channel_affine(x, s, z, axis, -8, 7, gf)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, s, z, -8, 7)
+    return torch.fake_quantize_per_channel_affine(x, s, z, axis, -8, 7)
+
+
+def _fq_grads(fn, x, s, z, g, learnable):
+    xa = x.clone().requires_grad_()
+    sa, za = (s.clone().requires_grad_(), z.clone().requires_grad_()) if learnable else (s, z)
+    y = fn(xa, sa, za)
+    y.backward(g)
+    return (y.detach(), xa.grad) + ((sa.grad, za.grad) if learnable else ())
+
+
+NONFINITE_QPARAMS = [  # (axis, learnable, zero-point kind)
+    (None, False, "int"),
+    (None, True, "float"),
+    (0, False, "int"),
+    (0, False, "float"),
+    (0, True, "float"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qp", NONFINITE_QPARAMS, ids=str)
+def test_fake_quantize_nonfinite_inputs(device, qp):
+    # The rule, on every device: a NaN x acts as a level below quant_min (output (qmin - z) s, no
+    # x gradient, the clamped branch's LSQ gradients: a NaN activation never poisons a learned
+    # scale), +-Inf and levels beyond int64 saturate. The expected values are torch's on x with
+    # those entries replaced by finite values far outside the range.
+    axis, learnable, zkind = qp
+    c = 3
+    x, sub = _with_nonfinite(randn(c, 16, seed=5, device=device, scale=0.4))
+    g = randn(c, 16, seed=6, device=device)
+    n = c if axis is not None else 1
+    s = torch.linspace(0.05, 0.09, n, device=device)
+    z = torch.tensor([1.0, 2.6, 0.0][:n], device=device)  # zero points >= 0, see below
+    if zkind == "int":
+        z = z.round().to(torch.int32)
+    if learnable and axis is None:
+        s, z = s.reshape(1), z.reshape(1)
+
+    def ours(xx, ss, zz):
+        return fake_quantize(xx, ss, zz, -8, 7, axis=axis, learnable=learnable)
+
+    def theirs(xx, ss, zz):
+        return _torch_fake_quantize(xx, ss, zz, axis, learnable)
+
+    got = _fq_grads(ours, x, s, z, g, learnable)
+    want = _fq_grads(theirs, sub, s, z, g, learnable)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, b in zip(got[2:], want[2:], strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # torch itself, where its NaN and -Inf results are defined by the hardware's int64
+    # conversion (INT64_MIN on x86-64 and, per PTX, on NVIDIA GPUs; the zero points above are
+    # >= 0 so that torch's CUDA per-channel kernel does not wrap around): the same values.
+    if device == "cuda" or platform.machine().lower() in ("x86_64", "amd64"):
+        low = x.clone()
+        low[:, 6:10] = sub[:, 6:10]  # keep NaN, -Inf, -1e30; +Inf, +1e30 overflow in torch
+        got = _fq_grads(ours, low, s, z, g, learnable)
+        want = _fq_grads(theirs, low, s, z, g, learnable)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for a, b in zip(got[2:], want[2:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -779,11 +960,13 @@ import torch, ffa.quant as q
 torch.manual_seed(0)
 w = torch.randn(32, 16, 3, 3); x = torch.randn(4, 8, 16, 16) * 3
 x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * 0.05
+x[0, 1, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
 s = torch.tensor([0.05], requires_grad=True); z = torch.tensor([1.0], requires_grad=True)
 a = torch.tensor([0.2], requires_grad=True)
 xr = x.clone().requires_grad_()
 out = [q.quantize_weight(w, b, per_channel=pc) for b in (1, 2, 4, 8) for pc in (False, True)]
 out.append(q.quantize_weight(w.half(), 3).float())
+out += [q.quantize_weight(w[:, :1, :1, :1], b, per_channel=True) for b in (2, 4)]
 y = q.fake_quantize(xr, s, z, -128, 127, learnable=True)
 r = q.quant_relu(xr, a, 4, alpha_grad="ae")
 (y.sum() + r.square().sum()).backward()
@@ -805,4 +988,4 @@ def test_isa_variants_agree(tmp_path):
     for isa, proc in procs.items():
         assert proc.wait() == 0, isa
         for a, b in zip(torch.load(tmp_path / f"{isa}.pt"), default, strict=True):
-            assert torch.equal(a, b), isa
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=isa)

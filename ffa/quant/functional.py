@@ -123,9 +123,13 @@ def quant_relu(
     ``"ae"``: :math:`\lceil x/\alpha \rceil` on :math:`(0, (L-1)\alpha]` (L above
     :math:`(L-1)\alpha`); ``"pact"``: 0; ``"min"``: 1 on :math:`(0, L\alpha]`.
 
+    A NaN ``x`` stays NaN (its gradient passes as for an in-range ``x``, and it adds nothing to
+    the step's gradient); +Inf gives :math:`L\alpha`, -Inf gives 0.
+
     Args:
         x: floating tensor; float16/bfloat16 are computed in float32.
-        alpha: a one-element floating tensor (it gets the gradient) or a positive number.
+        alpha: a one-element floating tensor (it gets the gradient) on ``x``'s device (or a CPU
+            tensor), or a positive number.
         bits: 1, 2, ..., 8.
     """
     _check_floating(x, "x")
@@ -177,9 +181,19 @@ def fake_quantize(
     the kernel (in float64, rounded once to the qparam dtype; torch sums in float32, so the last
     bits can differ) without full-size temporaries.
 
+    Non-finite ``x``, on every device: a NaN ``x`` counts as a level below ``qmin``, as in torch
+    (its int64 level of a NaN is INT64_MIN on x86-64 and NVIDIA GPUs): the output is
+    :math:`(q_{min} - z) s`, the ``x`` gradient 0, and the LSQ gradients those of the clamped
+    branch, so a NaN activation never makes a learned scale NaN. +-Inf and levels
+    beyond int64 saturate to ``qmax`` / ``qmin`` (torch's per-tensor op does the same; its CPU
+    per-channel and LSQ-backward kernels turn +Inf into ``qmin``, an artefact of the x86
+    conversion that ffa does not reproduce).
+
     Args:
         x: floating tensor, any layout.
         scale: positive number, or a floating tensor with one element (per tensor) or ``[C]``.
+            Tensor qparams live on ``x``'s device; per tensor, a one-element CPU tensor is also
+            accepted for a CUDA ``x`` (read on the host).
         zero_point: integer in ``[qmin, qmax]``, or an integer/floating tensor like ``scale``
             (``learnable=True``: a floating tensor, to learn it).
         qmin, qmax: integers, ``qmin < qmax``.
