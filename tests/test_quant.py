@@ -769,6 +769,80 @@ def test_bad_inputs_name_the_argument():
         ops.quant_relu(torch.arange(4), torch.ones(1), 4, "inplt", "mean", 0.01)
 
 
+def test_qparams_on_another_device_raise():
+    # A scale / zero_point / alpha on another device than x was read as garbage (meta qparams
+    # returned uninitialized memory): the error names the argument.
+    x = torch.randn(4, 3)
+    m1 = torch.ones(1, device="meta")
+    cases = [
+        ("scale", lambda: fake_quantize(x, m1 * 0.1, 0, -8, 7)),
+        ("zero_point", lambda: fake_quantize(x, 0.1, torch.zeros(1, device="meta"), -8, 7)),
+        ("scale", lambda: fake_quantize(x, m1, m1, -8, 7, learnable=True)),
+        ("zero_point", lambda: fake_quantize(x, torch.ones(1), m1, -8, 7, learnable=True)),
+        ("scale", lambda: fake_quantize(x, torch.ones(3, device="meta"), 0, -8, 7, axis=1)),
+        (
+            "zero_point",
+            lambda: fake_quantize(x, torch.ones(3), torch.zeros(3, device="meta"), -8, 7, axis=1),
+        ),
+        ("alpha", lambda: quant_relu(x, torch.ones(1, device="meta"), 4)),
+        ("alpha", lambda: QuantReLU(4).to("meta")(x)),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=f"{name} must be on x's device"):
+            call()
+    # All on meta: the shape-only path still works.
+    xm = torch.empty(4, 3, device="meta")
+    assert fake_quantize(xm, m1, m1, -8, 7, learnable=True).device.type == "meta"
+    assert quant_relu(xm, m1, 4).device.type == "meta"
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_qparams_device_rules_cuda():
+    x = randn(4, 3, device="cuda")
+    xc, g, gc = x.cpu(), torch.ones_like(x), torch.ones(4, 3)
+    s, z, a = (torch.tensor([v], device="cuda") for v in (0.1, 1.0, 0.3))
+    sc, zc, ac = s.cpu(), z.cpu(), a.cpu()
+    # A CPU x with CUDA qparams: the Python functions and the ops themselves name the argument.
+    bad = [
+        ("scale", lambda: fake_quantize(xc, s, 0, -8, 7)),
+        ("zero_point", lambda: fake_quantize(xc, sc, z, -8, 7, learnable=True)),
+        ("alpha", lambda: quant_relu(xc, a, 4)),
+        ("scale", lambda: ops.fake_quantize(xc, s, zc, -8, 7, None, False, 1.0)),
+        ("zero_point", lambda: ops.fake_quantize(xc, sc, z, -8, 7, None, True, 1.0)),
+        ("alpha", lambda: ops.quant_relu(xc, a, 4, "inplt", "mean", 0.01)),
+        (
+            "scale",
+            lambda: ops.fake_quantize_backward(
+                gc, xc, s, zc, -8, 7, None, True, 1.0, [True, True, True]
+            ),
+        ),
+        (
+            "alpha",
+            lambda: ops.quant_relu_backward(gc, xc, a, 4, "inplt", "mean", 0.01, [True, True]),
+        ),
+        # Per-channel qparams live on x's device.
+        ("scale", lambda: fake_quantize(x, torch.ones(3), torch.zeros(3), -8, 7, axis=1)),
+        (
+            "scale",
+            lambda: ops.fake_quantize(x, torch.ones(3), torch.zeros(3), -8, 7, 1, False, 1.0),
+        ),
+        ("grad", lambda: ops.quant_relu_backward(gc, x, a, 4, "inplt", "mean", 0.01, [True, True])),
+    ]
+    for name, call in bad:
+        with pytest.raises(ValueError, match=f"{name} must be on x's device"):
+            call()
+    # One-element CPU qparams with a CUDA x are read on the host: the same values.
+    assert torch.equal(
+        fake_quantize(x, sc, zc, -8, 7, learnable=True),
+        fake_quantize(x, s, z, -8, 7, learnable=True),
+    )
+    assert torch.equal(quant_relu(x, ac, 4), quant_relu(x, a, 4))
+    assert (
+        ops.quant_relu_backward(g, x, ac, 4, "inplt", "mean", 0.01, [True, True])[1].device
+        == ac.device
+    )
+
+
 # ---- modules and quantize_model ------------------------------------------------------------------
 class SmallCNN(nn.Module):
     def __init__(self):
@@ -901,6 +975,65 @@ def test_torch_compile_fullgraph(device):
     comp = torch.autograd.grad(compiled(*args), (*args, relu.alpha))
     for a, b in zip(eager, comp, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_dynamic_shapes(device):
+    # fullgraph with dynamic shapes (float options become SymFloats there), two input shapes,
+    # values and gradients equal to eager.
+    torch._dynamo.reset()
+    relu = QuantReLU(4).to(device)
+    with torch.no_grad():
+        relu.alpha.fill_(7.0)  # projected into [1e-3, 5] by the compiled forward as by eager
+    alpha = torch.tensor([0.3], device=device, requires_grad=True)
+    s1 = torch.tensor([0.05], device=device, requires_grad=True)
+    z1 = torch.tensor([0.4], device=device, requires_grad=True)
+    sc = torch.linspace(0.03, 0.06, 4, device=device).requires_grad_()
+    zc = torch.linspace(-1.0, 1.0, 4, device=device).requires_grad_()
+    params = (alpha, s1, z1, sc, zc, relu.alpha)
+
+    def step(x, rate, grad_factor):
+        y = relu(x) + quant_relu(x, alpha, 3, alpha_grad="ae", rate=rate)
+        y = y + quant_relu(x, 0.25, 2)
+        y = y + fake_quantize(x, 0.05, 3, -8, 7)
+        y = y + fake_quantize(x, s1, z1, -8, 7, learnable=True, grad_factor=grad_factor)
+        y = y + fake_quantize(x, sc, zc, -128, 127, axis=1, learnable=True)
+        return y.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for shape, rate, gf in (((2, 4, 5, 3), 0.01, 0.5), ((3, 4, 7, 6), 0.02, 0.25)):
+        x = randn(*shape, seed=shape[0], device=device).requires_grad_()
+        eager = torch.autograd.grad(step(x, rate, gf), (x, *params))
+        comp = torch.autograd.grad(compiled(x, rate, gf), (x, *params))
+        for a, b in zip(eager, comp, strict=True):
+            torch.testing.assert_close(a, b)
+    assert relu.alpha.item() == 5.0
+
+
+def _export_matches_eager(model, *xs):
+    ep = torch.export.export(model, (xs[0],))
+    for x in xs:
+        assert torch.equal(ep.module()(x), model(x))
+    return ep
+
+
+def test_export_quant_modules():
+    # torch.export: the exported programs give the eager forward values.
+    relu = QuantReLU(4)
+    with torch.no_grad():
+        relu.alpha.fill_(9.0)  # outside [1e-3, 5]: the kernel's clamp makes the value the same
+    x = torch.linspace(-1, 40, 64)
+    ep = torch.export.export(relu, (x,))
+    assert relu.alpha.item() == 9.0  # exporting leaves the stored step alone
+    assert torch.equal(ep.module()(x), QuantReLU(4, alpha=5.0)(x))
+    assert torch.equal(ep.module()(x), relu(x))
+    assert relu.alpha.item() == 5.0  # eager forward still projects it
+    torch.manual_seed(0)
+    _export_matches_eager(QuantConv2d(3, 4, 3, padding=1, w_bits=4), *torch.randn(2, 1, 3, 6, 6))
+    lin = QuantLinear(5, 3, w_bits=2, per_channel=True)
+    _export_matches_eager(lin, *torch.randn(2, 4, 5))
+    net = quantize_model(SmallCNN(), 4, a_bits=2, per_channel=True)
+    _export_matches_eager(net, *torch.randn(2, 2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -363,11 +363,8 @@ double clamped_alpha(const at::Tensor& alpha) {
 
 void check_relu_args(const at::Tensor& x, const at::Tensor& alpha, int64_t bits) {
   check_floating(x, "x");
-  check_floating(alpha, "alpha");
+  check_relu_alpha(alpha, x);
   check_bits(bits);
-  TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have exactly one element, got shape ",
-                    alpha.sizes());
-  TORCH_CHECK(alpha.device() == x.device(), "alpha must be on x's device");
 }
 
 at::Tensor quant_relu_cpu(const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
@@ -400,9 +397,7 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
     c10::string_view ste, c10::string_view alpha_grad, double rate, std::array<bool, 2> mask) {
   check_relu_args(x_in, alpha, bits);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  check_grad_like_x(grad_in, x_in);
   QreluBackParams p{};
   TORCH_CHECK_VALUE(ste == "inplt" || ste == "idnty" || ste == "relu",
                     "ste must be 'inplt', 'idnty' or 'relu', got '", std::string(ste), "'");
@@ -474,9 +469,9 @@ struct FqSetup {
   int mode;                           // kIntZp or kFloatZp
 };
 
-// The values of a 0-d / one-element / 1-D qparam tensor on the CPU, read in place (no copies).
+// The values of a 0-d / one-element / 1-D qparam tensor on the CPU (checked by
+// check_fake_quantize_args), read in place (no copies).
 std::vector<double> host_values(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cpu(), "scale and zero_point must be CPU tensors for a CPU x, got ", t.device());
   std::vector<double> out(t.numel());
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "qparams", [&] {
@@ -492,7 +487,7 @@ std::vector<double> host_values(const at::Tensor& t) {
 FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                  int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable,
                  bool backward_lsq) {
-  check_fake_quantize_args(x, scale, zero_point, qmin, qmax);
+  check_fake_quantize_args(x, scale, zero_point, qmin, qmax, axis.has_value());
   FqSetup s;
   if (axis.has_value()) {
     int64_t ax = *axis;
@@ -669,9 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
     bool learnable, double grad_factor, std::array<bool, 3> mask) {
   const FqSetup s = fq_setup(x_in, scale, zero_point, qmin, qmax, axis, learnable, true);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  check_grad_like_x(grad_in, x_in);
   const bool qgrads = learnable && (mask[1] || mask[2]);
   at::Tensor dx, gs, gz;
   if (mask[0] || qgrads) {

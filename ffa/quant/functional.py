@@ -49,6 +49,12 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    # Not math.isfinite: under torch.compile(dynamic=True) a float argument is a SymFloat, which
+    # comparisons accept and math.isfinite does not. NaN fails both comparisons.
+    return _is_real(v) and -math.inf < v < math.inf
+
+
 def check_bits(bits, name: str = "bits") -> int:
     if not _is_int(bits) or int(bits) not in SUPPORTED_BITS:
         raise ValueError(f"{name} must be one of 1, 2, ..., 8, got {bits!r}")
@@ -62,17 +68,26 @@ def _check_floating(x, name: str) -> None:
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
 
 
+def _check_device(t: torch.Tensor, name: str, x: torch.Tensor, *, cpu_scalar_ok: bool) -> None:
+    """A quantizer parameter lives on x's device (cpu_scalar_ok: or is a one-element CPU tensor,
+    which the CUDA kernels take by value)."""
+    if t.device == x.device or (cpu_scalar_ok and t.device.type == "cpu" and t.numel() == 1):
+        return
+    alt = " or be a one-element CPU tensor" if cpu_scalar_ok else ""
+    raise ValueError(f"{name} must be on x's device ({x.device}){alt}, got {t.device}")
+
+
 def check_relu_options(ste, alpha_grad, rate) -> None:
     if ste not in STE:
         raise ValueError(f"ste must be one of {STE}, got {ste!r}")
     if alpha_grad not in ALPHA_GRAD:
         raise ValueError(f"alpha_grad must be one of {ALPHA_GRAD}, got {alpha_grad!r}")
-    if not _is_real(rate) or not math.isfinite(rate):
+    if not _is_finite(rate):
         raise ValueError(f"rate must be a finite number, got {rate!r}")
 
 
 def check_alpha_value(alpha) -> float:
-    if not _is_real(alpha) or not math.isfinite(alpha) or not alpha > 0:
+    if not _is_finite(alpha) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     return float(alpha)
 
@@ -139,6 +154,7 @@ def quant_relu(
         _check_floating(alpha, "alpha")
         if alpha.numel() != 1:
             raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+        _check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     else:
         alpha = torch.tensor([check_alpha_value(alpha)], dtype=torch.float32, device=x.device)
     return ops.quant_relu(x, alpha, bits, ste, alpha_grad, float(rate))
@@ -220,14 +236,14 @@ def fake_quantize(
         axis = int(axis) % x.dim()
     if not isinstance(learnable, bool):
         raise TypeError(f"learnable must be a bool, got {type(learnable).__name__}")
-    if not _is_real(grad_factor) or not math.isfinite(grad_factor):
+    if not _is_finite(grad_factor):
         raise ValueError(f"grad_factor must be a finite number, got {grad_factor!r}")
     count = None if axis is None else x.shape[axis]
 
     if isinstance(scale, torch.Tensor):
         _check_floating(scale, "scale")
     elif _is_real(scale):
-        if not (math.isfinite(scale) and scale > 0):
+        if not (_is_finite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}")
         scale = _qparam(float(scale), integral=False, count=count, device=x.device)
     else:
@@ -254,6 +270,8 @@ def fake_quantize(
     else:
         raise TypeError(f"zero_point must be a number or a tensor, got {type(zero_point).__name__}")
 
+    _check_device(scale, "scale", x, cpu_scalar_ok=axis is None)
+    _check_device(zero_point, "zero_point", x, cpu_scalar_ok=axis is None)
     return ops.fake_quantize(
         x, scale, zero_point, int(qmin), int(qmax), axis, learnable, float(grad_factor)
     )
