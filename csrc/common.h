@@ -31,11 +31,43 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    " must be a floating-point tensor, got ", t.scalar_type());
 }
 
-// The argument checks of ffa::fake_quantize(_backward) that need no device read.
+// A quantizer parameter (scale, zero_point, alpha) lives on x's device; with cpu_scalar_ok a
+// one-element CPU tensor is accepted too (the CUDA wrappers read it on the host and pass it by
+// value). Checked before anything reads it: a parameter elsewhere would be read as garbage.
+inline void check_qparam_device(const at::Tensor& t, const char* name, const at::Tensor& x,
+                                bool cpu_scalar_ok) {
+  TORCH_CHECK_VALUE(t.device() == x.device() || (cpu_scalar_ok && t.is_cpu() && t.numel() == 1),
+                    name, " must be on x's device (", x.device(), ")",
+                    cpu_scalar_ok ? " or be a one-element CPU tensor" : "", ", got ", t.device());
+}
+
+// The quantized ReLU's step: one floating element on x's device (or the CPU).
+inline void check_relu_alpha(const at::Tensor& alpha, const at::Tensor& x) {
+  check_floating(alpha, "alpha");
+  TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have exactly one element, got shape ",
+                    alpha.sizes());
+  check_qparam_device(alpha, "alpha", x, true);
+}
+
+// The upstream gradient of an elementwise quantizer: x's shape, dtype and device.
+inline void check_grad_like_x(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ",
+                    grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ",
+                   x.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == x.device(), "grad must be on x's device (", x.device(),
+                    "), got ", grad.device());
+}
+
+// The argument checks of ffa::fake_quantize(_backward) that need no device read. Per-tensor
+// qparams may be one-element CPU tensors for a CUDA x; per-channel ones live on x's device.
 inline void check_fake_quantize_args(const at::Tensor& x, const at::Tensor& scale,
-                                     const at::Tensor& zero_point, int64_t qmin, int64_t qmax) {
+                                     const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                                     bool per_channel) {
   check_floating(x, "x");
   check_floating(scale, "scale");
+  check_qparam_device(scale, "scale", x, !per_channel);
+  check_qparam_device(zero_point, "zero_point", x, !per_channel);
   TORCH_CHECK_VALUE(qmin < qmax, "quant_min must be less than quant_max, got quant_min=", qmin,
                     " and quant_max=", qmax);
   TORCH_CHECK_VALUE(std::abs(qmin) <= (int64_t(1) << 24) && std::abs(qmax) <= (int64_t(1) << 24),

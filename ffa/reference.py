@@ -92,7 +92,10 @@ def _quant_compute(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
-    """The released quantize_bw (1), quantize_tnn (2), quantize_fbit (4) / quantize_8bit rules."""
+    """The released quantize_bw (1), quantize_tnn (2), quantize_fbit (4) / quantize_8bit rules.
+
+    A NaN anywhere in the tensor (per channel: in the channel) makes all of it NaN.
+    """
     x = _quant_compute(w)
     flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
     data, sign = flat.abs(), flat.sign()
@@ -116,6 +119,9 @@ def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool = False) -> to
         num, den = (data * q).sum(1, keepdim=True), (q * q).sum(1, keepdim=True)
         scale = torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
         out = scale * q * sign
+    # A NaN weight makes the statistics of its tensor (per channel: its channel) NaN, and with them
+    # every output there, at every width (the formulas above alone hide it at some widths).
+    out = out.masked_fill(data.isnan().any(1, keepdim=True), float("nan"))
     return out.reshape(w.shape).to(w.dtype)
 
 

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -256,6 +257,10 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   const std::vector<double> sum = reduce_tasks(sums, T.count, nc);
   std::vector<C> delta(nc, C(0)), scale(nc, C(0));
   for (int64_t c = 0; c < nc; ++c) {
+    if (std::isnan(sum[c])) {  // a NaN weight: its channel's statistics, and outputs, are NaN
+      delta[c] = scale[c] = std::numeric_limits<C>::quiet_NaN();
+      continue;
+    }
     C mx = C(0);
     for (int64_t t = 0; t < T.count; ++t) mx = std::max(mx, maxs[t * nc + c]);
     if (bits == 1) {
@@ -292,6 +297,7 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
     });
     const std::vector<double> a = reduce_tasks(s1, T.count, nc), b = reduce_tasks(s2, T.count, nc);
     for (int64_t c = 0; c < nc; ++c) {
+      if (std::isnan(delta[c])) continue;  // a NaN channel keeps its NaN scale
       if (bits == 2)
         scale[c] = C(a[c]) / count;
       else
@@ -327,11 +333,14 @@ at::Tensor quantize_weight_cpu(const at::Tensor& weight, int64_t bits, bool per_
   const std::optional<int64_t> axis = per_channel ? std::optional<int64_t>(0) : std::nullopt;
   Layout L = layout_of(w, axis);
   at::Tensor out = y;
-  if (L.row) {  // dim 0 is the fastest axis (a transposed weight): work on a contiguous copy
-    w = w.contiguous();
+  if (L.row && L.numel > L.C) {  // dim 0 is the fastest axis (a transposed weight): work on a
+    w = w.contiguous();          // contiguous copy, whose channels are runs of numel / C
     out = at::empty_like(w);
     L = layout_of(w, axis);
   }
+  // The weight loops reduce one channel per span: with one element per channel ([C, 1], [C, 1,
+  // 1, 1]: no copy makes runs longer) the spans are single elements, never rows across channels.
+  L.row = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_weight_cpu",
                                   [&] { quantize_weight_impl<scalar_t>(w, out, bits, L); });
   if (!out.is_same(y)) y.copy_(out);
@@ -354,11 +363,8 @@ double clamped_alpha(const at::Tensor& alpha) {
 
 void check_relu_args(const at::Tensor& x, const at::Tensor& alpha, int64_t bits) {
   check_floating(x, "x");
-  check_floating(alpha, "alpha");
+  check_relu_alpha(alpha, x);
   check_bits(bits);
-  TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have exactly one element, got shape ",
-                    alpha.sizes());
-  TORCH_CHECK(alpha.device() == x.device(), "alpha must be on x's device");
 }
 
 at::Tensor quant_relu_cpu(const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
@@ -391,9 +397,7 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
     c10::string_view ste, c10::string_view alpha_grad, double rate, std::array<bool, 2> mask) {
   check_relu_args(x_in, alpha, bits);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  check_grad_like_x(grad_in, x_in);
   QreluBackParams p{};
   TORCH_CHECK_VALUE(ste == "inplt" || ste == "idnty" || ste == "relu",
                     "ste must be 'inplt', 'idnty' or 'relu', got '", std::string(ste), "'");
@@ -465,9 +469,9 @@ struct FqSetup {
   int mode;                           // kIntZp or kFloatZp
 };
 
-// The values of a 0-d / one-element / 1-D qparam tensor on the CPU, read in place (no copies).
+// The values of a 0-d / one-element / 1-D qparam tensor on the CPU (checked by
+// check_fake_quantize_args), read in place (no copies).
 std::vector<double> host_values(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cpu(), "scale and zero_point must be CPU tensors for a CPU x, got ", t.device());
   std::vector<double> out(t.numel());
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "qparams", [&] {
@@ -483,7 +487,7 @@ std::vector<double> host_values(const at::Tensor& t) {
 FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                  int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable,
                  bool backward_lsq) {
-  check_fake_quantize_args(x, scale, zero_point, qmin, qmax);
+  check_fake_quantize_args(x, scale, zero_point, qmin, qmax, axis.has_value());
   FqSetup s;
   if (axis.has_value()) {
     int64_t ax = *axis;
@@ -660,9 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
     bool learnable, double grad_factor, std::array<bool, 3> mask) {
   const FqSetup s = fq_setup(x_in, scale, zero_point, qmin, qmax, axis, learnable, true);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
+  check_grad_like_x(grad_in, x_in);
   const bool qgrads = learnable && (mask[1] || mask[2]);
   at::Tensor dx, gs, gz;
   if (mask[0] || qgrads) {

@@ -203,9 +203,10 @@ void fq_backward_mask(const T* __restrict dy, const T* __restrict x, T* __restri
 
 // Learnable (LSQ) backward, torch's formulas: q = rint(fma(x, inv, zp)) with the backward zero
 // point; inside [qmin, qmax]: dx = dy, dscale = dy * (fma(clamp(q) - zp, s, -x)) * inv * g, dzp =
-// 0; outside: dx = 0, dscale = dy * (qmin|qmax - zp) * g, dzp = -dy * s * g. Row mode adds the
-// per-element qparam grads to acc_s[j], acc_z[j]; run mode adds the span's sums to acc_s[0],
-// acc_z[0].
+// 0; outside: dx = 0, dscale = dy * (qmin|qmax - zp) * g, dzp = -dy * s * g. A NaN level is below
+// qmin, as in torch (its int64 level of a NaN is INT64_MIN) and as in the forward's clamp. Row
+// mode adds the per-element qparam grads to acc_s[j], acc_z[j]; run mode adds the span's sums to
+// acc_s[0], acc_z[0].
 template <bool kDx, bool kRow, typename T>
 void fq_backward_lsq(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n,
                      const FqParams& p, float grad_factor, double* __restrict acc_s,
@@ -216,7 +217,7 @@ void fq_backward_lsq(const T* __restrict dy, const T* __restrict x, T* __restric
     const T zp = T(kRow ? p.zp[j] : p.zp[0]);
     const T xv = x[j], d = dy[j];
     const T q = rnd(fma_(xv, inv, zp));
-    const bool below = q<lo, above = q> hi, inside = !(below | above);
+    const bool below = !(q >= lo), above = q > hi, inside = !(below | above);
     const T qc = min_(hi, max_(lo, q));
     const T ds_in = d * fma_(qc - zp, sc, -xv) * inv * g;
     const T edge = below ? lo - zp : hi - zp;

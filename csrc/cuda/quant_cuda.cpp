@@ -91,16 +91,12 @@ at::Tensor quantize_weight_cuda_op(const at::Tensor& weight, int64_t bits, bool 
 
 // ---- quant_relu -----------------------------------------------------------------------------
 
-QAlpha alpha_arg(const at::Tensor& alpha, const at::Tensor& x) {
-  check_floating(alpha, "alpha");
-  TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have exactly one element, got shape ",
-                    alpha.sizes());
+// alpha: checked by check_relu_alpha (x's device or a CPU scalar).
+QAlpha alpha_arg(const at::Tensor& alpha) {
   QAlpha a{nullptr, qdtype(alpha.scalar_type()), 0.0};
   if (alpha.is_cuda()) {
-    TORCH_CHECK(alpha.device() == x.device(), "alpha must be on x's device or on the CPU");
     a.ptr = alpha.const_data_ptr();
   } else {
-    TORCH_CHECK(alpha.is_cpu(), "alpha must be on x's device or on the CPU");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, alpha.scalar_type(), "alpha", [&] {
       const scalar_t v = alpha.const_data_ptr<scalar_t>()[0];
       const scalar_t lo = static_cast<scalar_t>(1e-3), hi = static_cast<scalar_t>(5.0);
@@ -130,12 +126,13 @@ int parse_alpha_grad(c10::string_view g) {
 at::Tensor quant_relu_cuda_op(const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
                               c10::string_view ste, c10::string_view alpha_grad, double rate) {
   check_floating(x_in, "x");
+  check_relu_alpha(alpha, x_in);  // first: a CPU x with a CUDA alpha lands here
   check_on_cuda(x_in, "x");
   check_bits(bits);
   parse_ste(ste);
   parse_alpha_grad(alpha_grad);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const QAlpha a = alpha_arg(alpha, x_in);
+  const QAlpha a = alpha_arg(alpha);
   at::Tensor y;
   const at::Tensor x = dense_input(x_in, y);
   FFA_QUANT_CUDA_CHECK(quant_relu_forward_cuda(qdtype(x.scalar_type()), x.const_data_ptr(),
@@ -148,15 +145,13 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cuda_op(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
     c10::string_view ste, c10::string_view alpha_grad, double rate, std::array<bool, 2> mask) {
   check_floating(x_in, "x");
+  check_relu_alpha(alpha, x_in);
+  check_grad_like_x(grad_in, x_in);
   check_on_cuda(x_in, "x");
   check_bits(bits);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
-  TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
   const int ste_i = parse_ste(ste), ag_i = parse_alpha_grad(alpha_grad);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const QAlpha a = alpha_arg(alpha, x_in);
+  const QAlpha a = alpha_arg(alpha);
   at::Tensor dx;
   const at::Tensor x = dense_input(x_in, dx);
   const at::Tensor grad = match_strides(grad_in, x);
@@ -182,9 +177,9 @@ struct FqArgs {
 
 double host_scalar(const at::Tensor& t) { return t.to(at::kDouble).item<double>(); }  // CPU only
 
+// The arguments checked by check_fake_quantize_args (the callers run it first).
 FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable) {
-  check_fake_quantize_args(x, scale, zero_point, qmin, qmax);
   const bool float_zp = at::isFloatingType(zero_point.scalar_type());
   FqArgs a;
   a.f.qmin = qmin;
@@ -206,8 +201,6 @@ FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& z
     TORCH_CHECK_VALUE(zero_point.dim() == 1 && zero_point.numel() == x.size(v),
                       "zero_point must be 1-D with one entry per channel (", x.size(v),
                       "), got shape ", zero_point.sizes());
-    TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
-                "per-channel scale and zero_point must be on x's device");
   } else {
     TORCH_CHECK_VALUE(scale.numel() == 1,
                       "scale must have one element for per-tensor quantization, got shape ",
@@ -218,7 +211,6 @@ FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& z
   }
   // The per-channel path is always device-resident; a per-tensor CPU scalar is read here.
   if (scale.is_cuda()) {
-    TORCH_CHECK(scale.device() == x.device(), "scale must be on x's device or on the CPU");
     a.scale = scale.to(at::kFloat).contiguous();
     a.f.q.scale = a.scale.const_data_ptr<float>();
   } else {
@@ -227,8 +219,6 @@ FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& z
     a.f.q.scale_val = float(s);
   }
   if (zero_point.is_cuda()) {
-    TORCH_CHECK(zero_point.device() == x.device(),
-                "zero_point must be on x's device or on the CPU");
     a.zp = zero_point.to(at::kFloat).contiguous();
     a.f.q.zp = a.zp.const_data_ptr<float>();
   } else {
@@ -248,6 +238,8 @@ FqArgs fq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& z
 at::Tensor fake_quantize_cuda_op(const at::Tensor& x_in, const at::Tensor& scale,
                                  const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                                  std::optional<int64_t> axis, bool learnable, double grad_factor) {
+  // First: a CPU x with CUDA qparams lands here, and the error names the qparam.
+  check_fake_quantize_args(x_in, scale, zero_point, qmin, qmax, axis.has_value());
   check_on_cuda(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor y;
@@ -262,11 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cuda_op(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
     bool learnable, double grad_factor, std::array<bool, 3> mask) {
+  check_fake_quantize_args(x_in, scale, zero_point, qmin, qmax, axis.has_value());
+  check_grad_like_x(grad_in, x_in);
   check_on_cuda(x_in, "x");
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have x's shape ", x_in.sizes(), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), "grad must have x's dtype");
-  TORCH_CHECK(grad_in.device() == x_in.device(), "grad must be on x's device");
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor dx;
   const at::Tensor x = dense_input(x_in, dx);

@@ -2,8 +2,10 @@
 //
 // Math: as csrc/cpu/quant_cpu.cpp (the paper's weight quantizers, the quantized ReLU, affine fake
 // quantization). fake_quantize transcribes torch's CUDA kernels expression for expression
-// (FakeQuantizeCore.cu: the zero point is added after rounding, per-channel products in float,
-// int64 levels with the GPU's saturating conversions), so nvcc contracts them the same way.
+// (FakeQuantizeCore.cu: the zero point is added after rounding, per-channel products in float),
+// so nvcc contracts them the same way; the int64 levels are bounded first (bounded_level: a NaN
+// level is below quant_min and +-Inf saturate, as on the CPU, where torch's conversions are
+// undefined).
 // Kernels: reductions are block reductions (warp shuffles, float64 accumulators) writing one
 // partial per block in a fixed grid (split count from the shapes only, so results are
 // deterministic), a one-thread-per-channel kernel finishes them into the device-side parameters
@@ -216,7 +218,9 @@ __global__ void wq_finish_stats_kernel(const double* __restrict__ psum,
     mx = fmax(mx, pmax[c * splits + s]);
   }
   const C count = C(L.numel / L.C);
-  if (bits == 1) {
+  if (isnan(sum)) {  // a NaN weight: its channel's statistics, and outputs, are NaN
+    delta[c] = scale[c] = nan("");
+  } else if (bits == 1) {
     scale[c] = double(C(sum) / count);
   } else if (bits == 2) {
     const C d = C(0.7) * (C(sum) / count);
@@ -265,9 +269,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 template <typename C>
 __global__ void wq_finish_scale_kernel(const double* __restrict__ p1, const double* __restrict__ p2,
                                        QLayout L, int64_t splits, int bits,
+                                       const double* __restrict__ delta,
                                        double* __restrict__ scale) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= L.C) return;
+  if (c >= L.C || isnan(delta[c])) return;  // a NaN channel keeps its NaN scale
   double a = 0, b = 0;
   for (int64_t s = 0; s < splits; ++s) {
     a += p1[c * splits + s];
@@ -438,6 +443,17 @@ __device__ __forceinline__ float raw_scale(const QParams& q, int64_t c) {
   return q.scale != nullptr ? q.scale[c] : q.scale_val;
 }
 
+// The rounded level r as torch's int64 level, for every r: torch converts unguarded (a NaN or
+// out-of-range level is undefined behaviour, and an integer zero point added afterwards can
+// wrap). Bounding r first keeps every in-range level, makes a NaN level count as below quant_min
+// (torch's result on x86 and in its per-tensor and LSQ CUDA kernels; fmax drops the NaN) and
+// saturates +-Inf and huge levels to quant_max / quant_min.
+template <typename C>
+__device__ __forceinline__ int64_t bounded_level(C r) {
+  const C bound = C(1099511627776.0);  // 2^40: far outside [-2^24, 2^24], exact in float
+  return static_cast<int64_t>(fmin(fmax(r, -bound), bound));
+}
+
 // The zero point used (integral in every mode but kZpRaw with float zero points).
 __device__ __forceinline__ float used_zp(float z, int mode, int64_t qmin, int64_t qmax) {
   const float lo = float(qmin), hi = float(qmax);
@@ -473,18 +489,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const C input_val = Num<T>::load(xv[u]);
       if constexpr (kMode == kFqChannelFloatZp) {  // torch: per-channel, floating zero point
         const float zero_point = raw_zp(f.q, c);
-        const auto qval = lrint(input_val * inv_scale + zero_point);
+        const auto qval = bounded_level(rint(input_val * inv_scale + zero_point));
         const auto bounded_qval = fminf(quant_max, fmaxf(quant_min, qval));
         y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
       } else if constexpr (kMode == kFqChannelIntZp) {  // torch: per-channel, integer zero point
         const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
-        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
+        const auto qval = bounded_level(nearbyint(input_val * inv_scale)) + zero_point;
         const auto bounded_qval =
             qval < quant_min ? quant_min : (qval > quant_max ? quant_max : qval);
         y[k] = Num<T>::store(C((bounded_qval - zero_point) * scale));
       } else {  // torch: per tensor
         const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
-        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
+        const auto qval = bounded_level(nearbyint(input_val * inv_scale) + zero_point);
         y[k] = Num<T>::store(C((fminf(quant_max, fmaxf(quant_min, qval)) - zero_point) * scale));
       }
     }
@@ -516,15 +532,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       bool mask;
       if constexpr (kMode == kFqChannelFloatZp) {
         const float zero_point = raw_zp(f.q, c);
-        const auto qval = lrint(input_val * inv_scale + zero_point);
+        const auto qval = bounded_level(rint(input_val * inv_scale + zero_point));
         mask = (quant_min <= qval) && (qval <= quant_max);
       } else if constexpr (kMode == kFqChannelIntZp) {
         const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, c), f.zp_mode, f.qmin, f.qmax));
-        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale)) + zero_point;
+        const auto qval = bounded_level(nearbyint(input_val * inv_scale)) + zero_point;
         mask = (quant_min <= qval) && (qval <= quant_max);
       } else {
         const int64_t zero_point = int64_t(used_zp(raw_zp(f.q, 0), f.zp_mode, f.qmin, f.qmax));
-        const auto qval = static_cast<int64_t>(nearbyint(input_val * inv_scale) + zero_point);
+        const auto qval = bounded_level(nearbyint(input_val * inv_scale) + zero_point);
         mask = (quant_min <= qval) && (qval <= quant_max);
       }
       dx[k] = Num<T>::store(Num<T>::load(dv[u]) * C(mask ? 1 : 0));
@@ -562,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int64_t k = base + u * kThreads;
         if (k >= m) continue;
         const C XInput = Num<T>::load(xv[u]), dYInput = Num<T>::load(dv[u]);
-        const int64_t xq = nearbyint(XInput * inv_scale) + zero_point;
+        const int64_t xq = bounded_level(nearbyint(XInput * inv_scale) + zero_point);
         if (dx != nullptr) dx[k] = Num<T>::store(dYInput * C(xq >= quant_min && xq <= quant_max));
         const C xfq =
             static_cast<C>((xq > quant_max ? quant_max : (xq < quant_min ? quant_min : xq)) -
@@ -596,7 +612,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if (k >= m) continue;
         const int64_t addr = channel_addr(f.L, c, k);
         const C x_input = Num<T>::load(xv[u]), dy_input = Num<T>::load(dv[u]);
-        const int64_t xqi = nearbyint(x_input * inv_scale) + static_cast<int64_t>(zero_point_input);
+        const int64_t xqi =
+            bounded_level(nearbyint(x_input * inv_scale) + static_cast<int64_t>(zero_point_input));
         if (dx != nullptr)
           dx[addr] = Num<T>::store(dy_input * C(xqi >= quant_min && xqi <= quant_max));
         const C xfqi =
@@ -668,7 +685,8 @@ cudaError_t quantize_weight_cuda(QDtype dt, const void* w, void* y, QLayout L, i
     wq_finish_stats_kernel<C><<<fb, kThreads, 0, stream>>>(p1, p2, L, g.splits, bits, delta, scale);
     if (bits >= 2) {
       wq_sums_kernel<T><<<g.blocks, kThreads, 0, stream>>>(wp, L, g.splits, bits, delta, p3, p4);
-      wq_finish_scale_kernel<C><<<fb, kThreads, 0, stream>>>(p3, p4, L, g.splits, bits, scale);
+      wq_finish_scale_kernel<C>
+          <<<fb, kThreads, 0, stream>>>(p3, p4, L, g.splits, bits, delta, scale);
     }
     wq_apply_kernel<T><<<elementwise_blocks(L.numel), kThreads, 0, stream>>>(wp, static_cast<T*>(y),
                                                                              L, bits, delta, scale);

@@ -18,7 +18,9 @@ with :math:`a = |w|`, means and maxima over the tensor (or over each output chan
   ties land on the same side.
 
 float16/bfloat16 inputs are computed in float32 and rounded back; float32 and float64 in their own
-dtype (sums accumulate in float64). An all-zero tensor (or channel) gives zeros, never NaN.
+dtype (sums accumulate in float64). An all-zero tensor (or channel) gives zeros, never NaN. A NaN
+weight makes the statistics of its tensor (per channel: its channel) NaN, and so every output there,
+at every width and on every device (``ffa.reference.quantize_weight`` states the same rule).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    # Not math.isfinite: under torch.compile(dynamic=True) a float argument is a SymFloat, which
+    # comparisons accept and math.isfinite does not. NaN fails both comparisons.
+    return _is_real(v) and -math.inf < v < math.inf
+
+
 def check_bits(bits, name: str = "bits") -> int:
     if not _is_int(bits) or int(bits) not in SUPPORTED_BITS:
         raise ValueError(f"{name} must be one of 1, 2, ..., 8, got {bits!r}")
@@ -60,17 +68,26 @@ def _check_floating(x, name: str) -> None:
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
 
 
+def _check_device(t: torch.Tensor, name: str, x: torch.Tensor, *, cpu_scalar_ok: bool) -> None:
+    """A quantizer parameter lives on x's device (cpu_scalar_ok: or is a one-element CPU tensor,
+    which the CUDA kernels take by value)."""
+    if t.device == x.device or (cpu_scalar_ok and t.device.type == "cpu" and t.numel() == 1):
+        return
+    alt = " or be a one-element CPU tensor" if cpu_scalar_ok else ""
+    raise ValueError(f"{name} must be on x's device ({x.device}){alt}, got {t.device}")
+
+
 def check_relu_options(ste, alpha_grad, rate) -> None:
     if ste not in STE:
         raise ValueError(f"ste must be one of {STE}, got {ste!r}")
     if alpha_grad not in ALPHA_GRAD:
         raise ValueError(f"alpha_grad must be one of {ALPHA_GRAD}, got {alpha_grad!r}")
-    if not _is_real(rate) or not math.isfinite(rate):
+    if not _is_finite(rate):
         raise ValueError(f"rate must be a finite number, got {rate!r}")
 
 
 def check_alpha_value(alpha) -> float:
-    if not _is_real(alpha) or not math.isfinite(alpha) or not alpha > 0:
+    if not _is_finite(alpha) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     return float(alpha)
 
@@ -121,9 +138,13 @@ def quant_relu(
     ``"ae"``: :math:`\lceil x/\alpha \rceil` on :math:`(0, (L-1)\alpha]` (L above
     :math:`(L-1)\alpha`); ``"pact"``: 0; ``"min"``: 1 on :math:`(0, L\alpha]`.
 
+    A NaN ``x`` stays NaN (its gradient passes as for an in-range ``x``, and it adds nothing to
+    the step's gradient); +Inf gives :math:`L\alpha`, -Inf gives 0.
+
     Args:
         x: floating tensor; float16/bfloat16 are computed in float32.
-        alpha: a one-element floating tensor (it gets the gradient) or a positive number.
+        alpha: a one-element floating tensor (it gets the gradient) on ``x``'s device (or a CPU
+            tensor), or a positive number.
         bits: 1, 2, ..., 8.
     """
     _check_floating(x, "x")
@@ -133,6 +154,7 @@ def quant_relu(
         _check_floating(alpha, "alpha")
         if alpha.numel() != 1:
             raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+        _check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     else:
         alpha = torch.tensor([check_alpha_value(alpha)], dtype=torch.float32, device=x.device)
     return ops.quant_relu(x, alpha, bits, ste, alpha_grad, float(rate))
@@ -175,9 +197,19 @@ def fake_quantize(
     the kernel (in float64, rounded once to the qparam dtype; torch sums in float32, so the last
     bits can differ) without full-size temporaries.
 
+    Non-finite ``x``, on every device: a NaN ``x`` counts as a level below ``qmin``, as in torch
+    (its int64 level of a NaN is INT64_MIN on x86-64 and NVIDIA GPUs): the output is
+    :math:`(q_{min} - z) s`, the ``x`` gradient 0, and the LSQ gradients those of the clamped
+    branch, so a NaN activation never makes a learned scale NaN. +-Inf and levels
+    beyond int64 saturate to ``qmax`` / ``qmin`` (torch's per-tensor op does the same; its CPU
+    per-channel and LSQ-backward kernels turn +Inf into ``qmin``, an artefact of the x86
+    conversion that ffa does not reproduce).
+
     Args:
         x: floating tensor, any layout.
         scale: positive number, or a floating tensor with one element (per tensor) or ``[C]``.
+            Tensor qparams live on ``x``'s device; per tensor, a one-element CPU tensor is also
+            accepted for a CUDA ``x`` (read on the host).
         zero_point: integer in ``[qmin, qmax]``, or an integer/floating tensor like ``scale``
             (``learnable=True``: a floating tensor, to learn it).
         qmin, qmax: integers, ``qmin < qmax``.
@@ -204,14 +236,14 @@ def fake_quantize(
         axis = int(axis) % x.dim()
     if not isinstance(learnable, bool):
         raise TypeError(f"learnable must be a bool, got {type(learnable).__name__}")
-    if not _is_real(grad_factor) or not math.isfinite(grad_factor):
+    if not _is_finite(grad_factor):
         raise ValueError(f"grad_factor must be a finite number, got {grad_factor!r}")
     count = None if axis is None else x.shape[axis]
 
     if isinstance(scale, torch.Tensor):
         _check_floating(scale, "scale")
     elif _is_real(scale):
-        if not (math.isfinite(scale) and scale > 0):
+        if not (_is_finite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}")
         scale = _qparam(float(scale), integral=False, count=count, device=x.device)
     else:
@@ -238,6 +270,8 @@ def fake_quantize(
     else:
         raise TypeError(f"zero_point must be a number or a tensor, got {type(zero_point).__name__}")
 
+    _check_device(scale, "scale", x, cpu_scalar_ok=axis is None)
+    _check_device(zero_point, "zero_point", x, cpu_scalar_ok=axis is None)
     return ops.fake_quantize(
         x, scale, zero_point, int(qmin), int(qmax), axis, learnable, float(grad_factor)
     )

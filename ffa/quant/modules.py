@@ -43,6 +43,9 @@ class QuantReLU(nn.Module):
     The step used is ``alpha`` clamped to [1e-3, 5] on the device. Each forward also projects the
     stored ``alpha`` into that range, as the released code does, through ``alpha.data`` (no host
     sync, no autograd version bump, so a module called twice before backward is fine).
+    While ``torch.export`` traces the module that in-place projection is skipped (an exported
+    program cannot mutate a parameter's data): the kernel's own clamp makes the forward value the
+    same, and exporting leaves the stored ``alpha`` as it was.
     """
 
     def __init__(
@@ -74,7 +77,8 @@ class QuantReLU(nn.Module):
             self.register_buffer("alpha", init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.alpha.data.clamp_(_ALPHA_MIN, _ALPHA_MAX)
+        if not torch.compiler.is_exporting():
+            self.alpha.data.clamp_(_ALPHA_MIN, _ALPHA_MAX)
         return quant_relu(
             x, self.alpha, self.bits, ste=self.ste, alpha_grad=self.alpha_grad, rate=self.rate
         )
