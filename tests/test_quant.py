@@ -790,6 +790,20 @@ def test_qparams_on_another_device_raise():
     for name, call in cases:
         with pytest.raises(ValueError, match=f"{name} must be on x's device"):
             call()
+    # Direct op calls: the dispatcher sends a real x with meta qparams to the fake kernels.
+    op_cases = [
+        ("scale", lambda: ops.fake_quantize(x, m1, m1, -8, 7, None, True, 1.0)),
+        ("alpha", lambda: ops.quant_relu(x, m1, 4, "inplt", "mean", 0.01)),
+        (
+            "zero_point",
+            lambda: ops.fake_quantize_backward(
+                x, x, torch.ones(1), m1, -8, 7, None, True, 1.0, [True, True, True]
+            ),
+        ),
+    ]
+    for name, call in op_cases:
+        with pytest.raises(ValueError, match=f"{name} must be on x's device"):
+            call()
     # All on meta: the shape-only path still works.
     xm = torch.empty(4, 3, device="meta")
     assert fake_quantize(xm, m1, m1, -8, 7, learnable=True).device.type == "meta"

@@ -19,7 +19,18 @@ def _like_or_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor:
     return torch.empty_like(t) if wanted else t.new_empty(0)
 
 
+def check_device(t: torch.Tensor, name: str, x: torch.Tensor, *, cpu_scalar_ok: bool) -> None:
+    """A quantizer parameter lives on x's device (cpu_scalar_ok: or is a one-element CPU tensor,
+    which the CUDA kernels take by value)."""
+    if t.device == x.device or (cpu_scalar_ok and t.device.type == "cpu" and t.numel() == 1):
+        return
+    alt = " or be a one-element CPU tensor" if cpu_scalar_ok else ""
+    raise ValueError(f"{name} must be on x's device ({x.device}){alt}, got {t.device}")
+
+
 # ---- fake kernels: shapes and dtypes only --------------------------------------------------------
+# They also run for real inputs whose qparams are on the meta device (the dispatcher picks Meta):
+# the device rule is checked here too, so such a call raises instead of returning empty memory.
 @torch.library.register_fake("ffa::quantize_weight")
 def _(weight, bits, per_channel):
     return torch.empty_like(weight)
@@ -27,21 +38,30 @@ def _(weight, bits, per_channel):
 
 @torch.library.register_fake("ffa::quant_relu")
 def _(x, alpha, bits, ste, alpha_grad, rate):
+    check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("ffa::quant_relu_backward")
 def _(grad, x, alpha, bits, ste, alpha_grad, rate, output_mask):
+    check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     return _like_or_empty(x, output_mask[0]), _like_or_empty(alpha, output_mask[1])
+
+
+def _check_qparam_devices(x, scale, zero_point, axis) -> None:
+    check_device(scale, "scale", x, cpu_scalar_ok=axis is None)
+    check_device(zero_point, "zero_point", x, cpu_scalar_ok=axis is None)
 
 
 @torch.library.register_fake("ffa::fake_quantize")
 def _(x, scale, zero_point, quant_min, quant_max, axis, learnable, grad_factor):
+    _check_qparam_devices(x, scale, zero_point, axis)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("ffa::fake_quantize_backward")
 def _(grad, x, scale, zero_point, quant_min, quant_max, axis, learnable, grad_factor, output_mask):
+    _check_qparam_devices(x, scale, zero_point, axis)
     return (
         _like_or_empty(x, output_mask[0]),
         _like_or_empty(scale, output_mask[1]),

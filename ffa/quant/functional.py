@@ -30,7 +30,7 @@ import numbers
 
 import torch
 
-from ._ops import ops
+from ._ops import check_device, ops
 
 __all__ = ["quantize_weight", "quant_relu", "fake_quantize", "DEFAULT_ALPHA", "STE", "ALPHA_GRAD"]
 
@@ -66,15 +66,6 @@ def _check_floating(x, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
-
-
-def _check_device(t: torch.Tensor, name: str, x: torch.Tensor, *, cpu_scalar_ok: bool) -> None:
-    """A quantizer parameter lives on x's device (cpu_scalar_ok: or is a one-element CPU tensor,
-    which the CUDA kernels take by value)."""
-    if t.device == x.device or (cpu_scalar_ok and t.device.type == "cpu" and t.numel() == 1):
-        return
-    alt = " or be a one-element CPU tensor" if cpu_scalar_ok else ""
-    raise ValueError(f"{name} must be on x's device ({x.device}){alt}, got {t.device}")
 
 
 def check_relu_options(ste, alpha_grad, rate) -> None:
@@ -154,7 +145,7 @@ def quant_relu(
         _check_floating(alpha, "alpha")
         if alpha.numel() != 1:
             raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
-        _check_device(alpha, "alpha", x, cpu_scalar_ok=True)
+        check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     else:
         alpha = torch.tensor([check_alpha_value(alpha)], dtype=torch.float32, device=x.device)
     return ops.quant_relu(x, alpha, bits, ste, alpha_grad, float(rate))
@@ -270,8 +261,8 @@ def fake_quantize(
     else:
         raise TypeError(f"zero_point must be a number or a tensor, got {type(zero_point).__name__}")
 
-    _check_device(scale, "scale", x, cpu_scalar_ok=axis is None)
-    _check_device(zero_point, "zero_point", x, cpu_scalar_ok=axis is None)
+    check_device(scale, "scale", x, cpu_scalar_ok=axis is None)
+    check_device(zero_point, "zero_point", x, cpu_scalar_ok=axis is None)
     return ops.fake_quantize(
         x, scale, zero_point, int(qmin), int(qmax), axis, learnable, float(grad_factor)
     )
