@@ -152,6 +152,232 @@ def test_fa_large_channels_take_the_simt_path(dtype):
     assert rel_err(gs, ws) <= 10 * _bound(label, rel_err(es, ws))
 
 
+# ---- numerics: input scale, tiny eps, ties, the two exact p = 2 forms ----------------------------
+# Input scales where squared pixel norms leave the range of the input dtype (float32 squares
+# overflow above ~1e19 and underflow below ~1e-19; float64 above ~1e154 and below ~1e-154), with eps
+# scaled along: L(c s, c t, c eps) = L(s, t, eps) and the gradients scale by 1 / c, so the oracle is
+# the float64 reference on the unscaled values. (label, dtype, allow_tf32, scale)
+SCALES = [
+    *[(lbl, torch.float32, allow, x) for lbl, allow in (("fp32", False), ("tf32", True))
+      for x in (1e-30, 1e-20, 1e20, 1e30)],
+    *[("bf16", torch.bfloat16, False, x) for x in (1e-30, 1e30)],
+    *[("fp64", torch.float64, False, x) for x in (1e-300, 1e-200, 1e200, 1e300)],
+]  # fmt: skip
+
+
+def _scaled_pair(shape, dtype, scale, seed, layout="contiguous"):
+    """Features times `scale` in `dtype`, and the float64 values they hold divided by `scale`."""
+    s, t = make_pair(*shape, torch.float64, layout, seed=seed)
+    s, t = (s * scale).to(dtype), (t * scale).to(dtype)
+    return s, t, s.double() / scale, t.double() / scale
+
+
+def _rel_err_saturating(out, want):
+    """rel_err, except that where the true value overflows the output dtype the output must be
+    the same infinity (a gradient g_u / eps of an all-zero pixel with a tiny eps may)."""
+    want_rounded = want.to(out.dtype)
+    big = ~torch.isfinite(want_rounded)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[big], want_rounded[big])
+    return rel_err(out[~big], want[~big])
+
+
+@pytest.mark.parametrize(
+    "label,dtype,allow,scale", SCALES, ids=[f"{x[0]}-{x[3]:g}" for x in SCALES]
+)
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 4, 6, 7), (1, 12, 10, 3, 5)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("p", [1, 2])
+def test_fa_extreme_input_scales(label, dtype, allow, scale, shape, p):
+    # p = 2: (2, 5, 4, 6, 7) takes the channel form (N >= Cs + Ct), (1, 12, 10, 3, 5) the N x N.
+    s, t, s1, t1 = _scaled_pair(shape, dtype, scale, seed=zlib.crc32(repr((shape, p)).encode()))
+    eps = EPS * scale
+    want = _eager_fa(s1, t1, p)
+    ws, wt = _grads(lambda a, b: _eager_fa(a, b, p), s1, t1)
+    with tf32(allow):
+        out = ops.fa_loss(s, t, p, eps)
+        gs, gt = _grads(lambda a, b: ops.fa_loss(a, b, p, eps), s, t)
+        # PyTorch's own error at this precision, on the same values unscaled (it fails when scaled)
+        eager = _eager_fa(s1.to(dtype), t1.to(dtype), p) if label in ("tf32", "bf16") else None
+        es = None
+        if eager is not None:
+            es, _ = _grads(lambda a, b: _eager_fa(a, b, p), s1.to(dtype), t1.to(dtype))
+    bound = _bound(label, rel_err(eager, want) if eager is not None else None)
+    assert rel_err(out, want) <= bound
+    gbound = _bound(label, rel_err(es, ws) if es is not None else None) * (10 if p == 1 else 1)
+    assert _rel_err_saturating(gs, ws / scale) <= gbound
+    assert _rel_err_saturating(gt, wt / scale) <= gbound
+
+
+FFA_SCALES = [x for x in SCALES if x[0] != "tf32"]  # FFA has no tensor-core path
+
+
+@pytest.mark.parametrize(
+    "label,dtype,allow,scale", FFA_SCALES, ids=[f"{x[0]}-{x[3]:g}" for x in FFA_SCALES]
+)
+@pytest.mark.parametrize("p", [1, 2])
+def test_ffa_extreme_input_scales(label, dtype, allow, scale, p):
+    s, t, s1, t1 = _scaled_pair((2, 6, 9, 7, 8), dtype, scale, seed=p, layout="channels_last")
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    z = torch.randn(1, 56, 15, device="cuda", dtype=cdt)
+    eps = EPS * scale
+
+    def oracle(a, b):
+        return ref.ffa_loss(a, b, z.double(), p=p, reduction="none", eps=EPS)
+
+    want = oracle(s1, t1)
+    ws, wt = _grads(oracle, s1, t1)
+    out = ops.ffa_loss(s, t, z, p, eps)[0]
+    gs, gt = _grads(lambda a, b: ops.ffa_loss(a, b, z, p, eps)[0], s, t)
+    bound = 1e-10 if dtype == torch.float64 else 1e-5  # unit pixels in float64, math in float32
+    assert rel_err(out, want) <= bound
+    gbound = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 1e-2)
+    assert _rel_err_saturating(gs, ws / scale) <= gbound
+    assert _rel_err_saturating(gt, wt / scale) <= gbound
+
+
+@pytest.mark.parametrize("label,dtype,allow", PRECISIONS[1:4], ids=[p[0] for p in PRECISIONS[1:4]])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("kind", ["fa", "ffa"])
+def test_eps_below_float32_range_with_zero_pixels(label, dtype, allow, p, kind):
+    # eps = 1e-40 is subnormal in float32. An all-zero pixel (here in both tensors, and one in the
+    # student only) must give u = 0, never NaN; its gradient is g_u / eps (may overflow float32).
+    eps = 1e-40
+    s, t = make_pair(2, 6, 5, 7, 8, torch.float64, seed=21)
+    s[:, :, 0, 0] = 0
+    t[:, :, 0, 0] = 0
+    s[1, :, 3, 4] = 0
+    s, t = s.to(dtype), t.to(dtype)
+    z = torch.randn(1, 56, 15, device="cuda", dtype=torch.float32)
+
+    def ours(a, b):
+        return ops.fa_loss(a, b, p, eps) if kind == "fa" else ops.ffa_loss(a, b, z, p, eps)[0]
+
+    def oracle(a, b):
+        if kind == "fa":
+            return ref.fa_loss(a, b, p=p, reduction="none", eps=eps)
+        return ref.ffa_loss(a, b, z.double(), p=p, reduction="none", eps=eps)
+
+    want = oracle(s.double(), t.double())
+    ws, wt = _grads(oracle, s.double(), t.double())
+    with tf32(allow):
+        out = ours(s, t)
+        gs, gt = _grads(ours, s, t)
+    assert torch.isfinite(out).all()
+    if kind == "fa":  # the fixed bounds of the emulator's checks at these precisions
+        bound = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 2e-2}[label]
+        gbound = bound * (10 if p == 1 else 1)
+    else:  # features read exactly, float32 math
+        bound, gbound = 1e-5, (1e-2 if label == "bf16" else 1e-4)
+    assert rel_err(out, want) <= bound
+    assert _rel_err_saturating(gs, ws) <= gbound
+    assert _rel_err_saturating(gt, wt) <= gbound
+
+
+# Student and teacher holding equal values (the teacher in another layout): loss and gradients
+# exactly 0 on every path. Shapes: p = 2 pixel form (N < Cs + Ct) and channel form; several row
+# blocks of the p = 1 kernels.
+EQUAL_SHAPES = [(2, 12, 12, 3, 5), (2, 6, 6, 7, 9), (1, 24, 24, 20, 32)]
+EQUAL_LAYOUTS = [
+    ("contiguous", "contiguous"),
+    ("channels_last", "contiguous"),
+    ("sliced", "channels_last"),
+]
+
+
+def _with_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        wide = torch.zeros(x.shape[0], x.shape[1] + 3, *x.shape[2:], dtype=x.dtype, device=x.device)
+        wide[:, 2:-1] = x
+        return wide[:, 2:-1]
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("label,dtype,allow", PRECISIONS, ids=[p[0] for p in PRECISIONS])
+@pytest.mark.parametrize("shape", EQUAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layouts", EQUAL_LAYOUTS, ids=lambda x: "-".join(x))
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("kind", ["fa", "ffa", "ffa_philox"])
+def test_student_equals_teacher_is_exactly_zero(label, dtype, allow, shape, layouts, p, kind):
+    b, c, _, h, w = shape
+    x = make_pair(b, c, c, h, w, dtype, seed=sum(shape))[0]
+    s, t = _with_layout(x, layouts[0]), _with_layout(x, layouts[1])
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    z = torch.randn(1, h * w, 15, device="cuda", dtype=cdt)
+    fns = {
+        "fa": lambda a, d: ops.fa_loss(a, d, p, EPS),
+        "ffa": lambda a, d: ops.ffa_loss(a, d, z, p, EPS)[0],
+        "ffa_philox": lambda a, d: ops.ffa_loss_philox(a, d, 15, p, EPS, 5, 0)[0],
+    }
+    with tf32(allow):
+        out, gs, gt = _fwd_bwd(fns[kind], s, t)
+    assert torch.equal(out, torch.zeros_like(out)), out
+    assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
+
+
+@pytest.mark.parametrize("label,dtype,allow", PRECISIONS, ids=[p[0] for p in PRECISIONS])
+@pytest.mark.parametrize("p", [1, 2])
+def test_teacher_equal_on_half_the_pixels(label, dtype, allow, p):
+    # Pairs of equal pixels give D_ij = 0 exactly (sign 0), as in the float64 oracle; the gradient
+    # must match it at the usual tolerance (the fused K-deep product was ~40% off here).
+    s, t = make_pair(2, 16, 16, 12, 11, dtype, "channels_last", seed=13)
+    same = torch.rand(12, 11, generator=torch.Generator().manual_seed(3)) < 0.5
+    t[:, :, same.cuda()] = s[:, :, same.cuda()]
+    want = _eager_fa(s.double(), t.double(), p)
+    ws, wt = _grads(lambda a, b: _eager_fa(a, b, p), s.double(), t.double())
+    with tf32(allow):
+        out = ops.fa_loss(s, t, p, EPS)
+        gs, gt = _grads(lambda a, b: ops.fa_loss(a, b, p, EPS), s, t)
+        low = label in ("tf32", "bf16", "fp16")
+        eager = _eager_fa(s, t, p) if low else None
+        es, et = _grads(lambda a, b: _eager_fa(a, b, p), s, t) if low else (None, None)
+    assert rel_err(out, want) <= _bound(label, rel_err(eager, want) if low else None)
+    gmul = 10 if p == 1 else 1
+    assert rel_err(gs, ws) <= _bound(label, rel_err(es, ws) if low else None) * gmul
+    assert rel_err(gt, wt) <= _bound(label, rel_err(et, wt) if low else None) * gmul
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fa_p2_never_negative(dtype):
+    # Student ~ teacher in the channel form (N >= Cs + Ct): the Gram identity cancels to rounding
+    # level but never goes below 0.
+    for seed in range(8):
+        s, noise = make_pair(4, 6, 6, 9, 10, dtype, seed=seed)
+        for rel in (0.0, 1e-12, 1e-9):
+            out = ops.fa_loss(s, s + rel * noise, 2, EPS)
+            assert (out >= 0).all(), (seed, rel, out)
+
+
+# Both exact p = 2 forms (N x N when N < Cs + Ct, channel Gram matrices otherwise) around the
+# switch, and C = 4096 with N = 4, where the channel form would need 4096^2 Gram matrices.
+P2_SHAPES = [
+    (2, 9, 7, 3, 5),
+    (2, 8, 8, 4, 4),
+    (2, 8, 9, 4, 4),
+    (1, 150, 140, 16, 17),
+    (1, 3, 2, 17, 19),
+    (2, 4096, 4096, 2, 2),
+]
+
+
+@pytest.mark.parametrize("shape", P2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("label,dtype,allow", PRECISIONS[:2], ids=[p[0] for p in PRECISIONS[:2]])
+@pytest.mark.parametrize("need_t", [True, False])
+def test_fa_p2_both_forms(shape, label, dtype, allow, need_t):
+    s, t = make_pair(*shape, dtype, "channels_last", seed=sum(shape))
+    want = _eager_fa(s.double(), t.double(), 2)
+    ws, wt = _grads(lambda a, b: _eager_fa(a, b, 2), s.double(), t.double(), need_t)
+    out = ops.fa_loss(s, t, 2, EPS)
+    gs, gt = _grads(lambda a, b: ops.fa_loss(a, b, 2, EPS), s, t, need_t)
+    assert rel_err(out, want) <= _bound(label, None)
+    assert rel_err(gs, ws) <= _bound(label, None)
+    if need_t:
+        assert rel_err(gt, wt) <= _bound(label, None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("k", [1, 15, 17, 40])

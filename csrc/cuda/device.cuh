@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -88,6 +90,108 @@ __device__ __forceinline__ double store_as<double, double>(double v) {
 template <typename T>
 __device__ __forceinline__ T sign_of(T v) {
   return static_cast<T>((v > T(0)) - (v < T(0)));
+}
+
+// ---- scale-safe unit pixels ----------------------------------------------------------------
+// Every kernel normalizes pixels through these, in float64 for every input type, so that norms,
+// unit pixels and their backward are what float64 arithmetic gives on the input values (rounded
+// once to the compute dtype) for any finite magnitude and any eps > 0.
+//   u = x / (n + eps),  g_x = r (g_u - xh (u . g_u)),  r = 1 / (n + eps),  xh = x / n (0 at n = 0)
+// (the backward never forms n^3, so huge norms cannot overflow it).
+
+// n of a pixel from the plain float64 sum of squares ss of its values x[c * stride], c < C.
+// Squares of float32 (and narrower) values always fit float64's range. float64 values may not:
+// when ss is inf or below 2^-1000 (squares may have underflowed) the pixel is summed again scaled
+// by 2^-k, k the exponent of max |x_c| (as LAPACK's nrm2 scales), n = ns 2^k. A serial loop: rare.
+template <typename E>
+__device__ __forceinline__ PixelNorm pixel_norm(double ss, const E* x, int64_t C, int64_t stride) {
+  if constexpr (std::is_same_v<E, double>) {
+    if (!(ss >= 0x1p-1000 && ss <= DBL_MAX)) {
+      double m = 0.0;
+      for (int64_t c = 0; c < C; ++c) m = fmax(m, fabs(x[c * stride]));
+      if (m > 0.0 && m <= DBL_MAX) {
+        const int k = ilogb(m);
+        double t = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = ldexp(x[c * stride], -k);
+          t += v * v;
+        }
+        return PixelNorm{sqrt(t), k};
+      }
+    }
+  }
+  return PixelNorm{sqrt(ss), 0};
+}
+
+// How to apply one pixel's normalization. Usually u = x w with w = 1 / (n + eps) and xh = x h with
+// h = 1 / n. When n + eps is outside [2^-1020, 2^1020] (1 / (n + eps) would not be a normal
+// float64: an all-zero pixel with a subnormal eps, or float64 norms near the range ends), `wide`
+// scales by exact powers of two instead: u = (x 2^-e) w, w = 1 / ((n + eps) 2^-e), and
+// xh = (x 2^-en) h, h = 1 / ns.
+struct UnitScale {
+  double w, h;
+  int e, en;
+  bool wide;
+};
+
+__device__ __forceinline__ UnitScale unit_scale(PixelNorm nm, double eps) {
+  UnitScale s{0.0, nm.ns > 0.0 ? 1.0 / nm.ns : 0.0, 0, nm.en, false};
+  const double d = nm.en == 0 ? nm.ns + eps : 0.0;
+  if ((d >= 0x1p-1020 && d <= 0x1p1020) || !(nm.ns <= DBL_MAX)) {  // NaN / inf: propagate
+    s.w = 1.0 / d;
+    return s;
+  }
+  const int en = nm.ns > 0.0 ? nm.en + ilogb(nm.ns) : INT_MIN / 2, ee = ilogb(eps);
+  s.e = en > ee ? en : ee;
+  s.w = 1.0 / ((nm.ns > 0.0 ? ldexp(nm.ns, nm.en - s.e) : 0.0) + ldexp(eps, -s.e));  // in (1/4, 1]
+  s.wide = true;
+  return s;
+}
+
+// u = x / (n + eps) (0 for an all-zero pixel, whatever eps).
+__device__ __forceinline__ double unit_of(double x, const UnitScale& s) {
+  return s.wide ? ldexp(x, -s.e) * s.w : x * s.w;
+}
+// xh = x / n (0 for an all-zero pixel).
+__device__ __forceinline__ double xhat_of(double x, const UnitScale& s) {
+  return s.wide ? ldexp(x, -s.en) * s.h : x * s.h;
+}
+// g_x = t / (n + eps) for t = g_u - xh (u . g_u) (may legitimately overflow when eps is tiny).
+__device__ __forceinline__ double unit_grad_of(double t, const UnitScale& s) {
+  return s.wide ? ldexp(t * s.w, -s.e) : t * s.w;
+}
+
+// The same normalization applied in the compute dtype A, for the per-element loops of FFA's
+// memory-bound passes (float64 conversions run at 1/8 of the FMA rate there): when w and h lie
+// well inside A's range (always for float64 outside `wide`; for float32 within [2^-100, 2^100],
+// i.e. norms between ~1e-30 and ~1e30), u = x w, xh = x h and g_x = t w in A, which is at most one
+// rounding more than float64 (<= 1 ulp); other pixels take the float64 forms above per element.
+template <typename A>
+struct ComputeScale {
+  UnitScale s;
+  A w, h;
+  bool fast;
+};
+
+template <typename A>
+__device__ __forceinline__ ComputeScale<A> compute_scale(PixelNorm nm, double eps) {
+  constexpr bool kF64 = std::is_same_v<A, double>;
+  constexpr double lo = kF64 ? DBL_MIN : 0x1p-100, hi = kF64 ? DBL_MAX : 0x1p100;
+  const UnitScale s = unit_scale(nm, eps);
+  const bool fast = !s.wide && s.w >= lo && s.w <= hi && (s.h == 0.0 || (s.h >= lo && s.h <= hi));
+  return ComputeScale<A>{s, static_cast<A>(s.w), static_cast<A>(s.h), fast};
+}
+template <typename A>
+__device__ __forceinline__ A unit_of(A x, const ComputeScale<A>& c) {
+  return c.fast ? x * c.w : static_cast<A>(unit_of(static_cast<double>(x), c.s));
+}
+template <typename A>
+__device__ __forceinline__ A xhat_of(A x, const ComputeScale<A>& c) {
+  return c.fast ? x * c.h : static_cast<A>(xhat_of(static_cast<double>(x), c.s));
+}
+template <typename A>
+__device__ __forceinline__ A unit_grad_of(A t, const ComputeScale<A>& c) {
+  return c.fast ? t * c.w : static_cast<A>(unit_grad_of(static_cast<double>(t), c.s));
 }
 
 // ---- fixed-order reductions (bitwise repeatable) -------------------------------------------

@@ -1,13 +1,17 @@
 // Fast feature-affinity loss (FFA) on CUDA: fused passes, probes Z read from memory or regenerated
 // on the fly by Philox (csrc/philox.h), so the Philox path never stores Z.
 //
-// Math, per sample, r_i = 1 / (||x_i|| + eps):
-//   P_S = U_S Z = S (r_S . Z) [Cs, k],  Y = r_S . (S^T P_S) - r_T . (T^T P_T) [N, k] (= D Z),
+// Math, per sample, u_i = x_i / (||x_i|| + eps):
+//   P_S = U_S Z [Cs, k],  Y = U_S^T P_S - U_T^T P_T [N, k] (= D Z),
 //   L = sum_ik f(Y_ik) / (k N^2), f = |.| (p = 1) or square (p = 2).
-//   Backward: W = g f'(Y) / (k N^2), Q_X = U_X W, dL/du_X = sign_X (W P_X^T + Z Q_X^T) (sign_S = +1,
-//   sign_T = -1), chained through the normalization.
+//   Backward: W = g f'(Y) / (k N^2), Q_X = U_X W, dL/du_X = sign_X (W P_X^T + Z Q_X^T)
+//   (sign_S = +1, sign_T = -1), chained through the normalization.
+// Pixel norms are computed in float64 and stored; unit pixels and the chain rule are formed on the
+// fly in the compute dtype (device.cuh, ComputeScale: scale-safe for any finite input and eps > 0).
+// The student and teacher terms of Y have their own accumulators, so equal inputs give Y = 0 and
+// zero gradients exactly.
 // Passes (each a grid of 128-pixel blocks x B; memory-bound on S and T):
-//   forward  1. project (S, then T): one read of X -> norms and per-block partials of X (r . Z);
+//   forward  1. project (S, then T): one read of X -> norms and per-block partials of U Z;
 //               a fixed-order reduction over the blocks gives P (deterministic, no atomics).
 //            2. backproject: one read of S and T -> Y (written once, [B, N, k]: the op returns it
 //               for the backward) and per-block loss partials -> fixed-order final sum.
@@ -75,11 +79,11 @@ struct GradW {  // W = g_b f'(Y) / (k N^2), from Y [B, N, k]
   }
 };
 
-// dst[q * ld + jj] = value(b, i0 + q, j0 + jj) * (rp ? rp[q] : 1) for q < kBP, jj < width, zero where
-// i0 + q >= N or j0 + jj >= k. Called by the whole block; the caller synchronizes afterwards.
+// dst[q * ld + jj] = value(b, i0 + q, j0 + jj) for q < kBP, jj < width, zero where i0 + q >= N or
+// j0 + jj >= k. Called by the whole block; the caller synchronizes afterwards.
 template <typename A, typename Src>
 __device__ void fill_probes(const Src& src, A* dst, int ld, int width, int64_t b, int64_t i0,
-                            int64_t N, int64_t k, int64_t j0, const A* rp) {
+                            int64_t N, int64_t k, int64_t j0) {
   const int np = static_cast<int>(min64(kBP, N - i0));
   if constexpr (Src::kPhilox) {
     if (j0 == 0 && width >= k) {
@@ -98,8 +102,7 @@ __device__ void fill_probes(const Src& src, A* dst, int ld, int width, int64_t b
           const uint64_t e = 4 * g + h;
           if (e >= e_lo && e < e_hi) {
             const int q = static_cast<int>(e / k - i0), jj = static_cast<int>(e % k);
-            const A v = static_cast<A>(z[h]);
-            dst[q * ld + jj] = rp != nullptr ? v * rp[q] : v;
+            dst[q * ld + jj] = static_cast<A>(z[h]);
           }
         }
       }
@@ -109,27 +112,26 @@ __device__ void fill_probes(const Src& src, A* dst, int ld, int width, int64_t b
   for (int idx = threadIdx.x; idx < kBP * width; idx += blockDim.x) {
     const int q = idx / width, jj = idx - q * width;
     const int64_t j = j0 + jj;
-    A v = A(0);
-    if (q < np && j < k) {
-      v = src.value(b, i0 + q, j, k);
-      if (rp != nullptr) v *= rp[q];
-    }
-    dst[q * ld + jj] = v;
+    dst[q * ld + jj] = (q < np && j < k) ? src.value(b, i0 + q, j, k) : A(0);
   }
 }
 
 // ---- forward 1 / backward 1: projection --------------------------------------------------------
-// part[b, blk, c, j] = sum over the block's pixels i of x(c, i) r_i v(i, j), v = Z or W;
-// norms[b, i] = ||x_i||. Shared memory: r [kBP], red [2][kBP], zr [kBP][kLDZ], and the feature tile
-// (all round_up(C, 32) channels when `resident`, else one 32-channel chunk) [.][kLDX].
+// part[b, blk, c, j] = sum over the block's pixels i of u(c, i) v(i, j), v = Z or W;
+// norms[b, i] = ||x_i||. Shared memory: scale [kBP], red [2][kBP] (float64), zr [kBP][kLDZ], and
+// the unit-pixel tile [.][kLDX] (all round_up(C, 32) channels when `resident`, else 32 of them).
+template <typename A>
+__host__ __device__ constexpr size_t project_head_bytes() {  // scale and red, ahead of zr
+  return kBP * (sizeof(ComputeScale<A>) + 2 * sizeof(double));
+}
 template <typename E, typename A, typename Src>
 __global__ void __launch_bounds__(kProjThreads, 2)
-    ffa_project_kernel(Features f, int64_t N, int64_t k, A eps, Src src, bool resident,
-                       A* __restrict__ norms, A* __restrict__ part) {
+    ffa_project_kernel(Features f, int64_t N, int64_t k, double eps, Src src, bool resident,
+                       PixelNorm* __restrict__ norms, A* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* rs = reinterpret_cast<A*>(smem_raw);
-  A* red = rs + kBP;
-  A* zr = red + 2 * kBP;
+  ComputeScale<A>* scale = reinterpret_cast<ComputeScale<A>*>(smem_raw);
+  double* red = reinterpret_cast<double*>(scale + kBP);
+  A* zr = reinterpret_cast<A*>(smem_raw + project_head_bytes<A>());
   A* xt = zr + kBP * kLDZ;
   const int64_t b = blockIdx.y, blk = blockIdx.x, i0 = blk * kBP;
   const int64_t nblk = gridDim.x, C = f.C;
@@ -137,30 +139,33 @@ __global__ void __launch_bounds__(kProjThreads, 2)
   const E* x = static_cast<const E*>(f.ptr) + b * f.sb;
   const int tid = threadIdx.x;
 
-  {  // norms: two threads per pixel, channels split by parity
+  {  // norms: two threads per pixel, channels split by parity; then x -> u in the resident tile
     const int q = tid % kBP, h = tid / kBP;
     const int64_t i = i0 + q;
-    A ss = A(0);
+    double ss = 0.0;
     for (int64_t c = h; c < Cpad; c += 2) {
-      const A v = (i < N && c < C) ? widen<A>(x[c * f.sc + i * f.sp]) : A(0);
-      ss += v * v;
+      const A v = (i < N && c < C) ? widen<A>(x[c * f.sc + i * f.sp]) : A(0);  // exact
+      ss += static_cast<double>(v) * static_cast<double>(v);
       if (resident) xt[c * kLDX + q] = v;
     }
     red[h * kBP + q] = ss;
     __syncthreads();
     if (h == 0) {
-      const A n = sqrt(red[q] + red[kBP + q]);
-      rs[q] = i < N ? A(1) / (n + eps) : A(0);
-      if (i < N) norms[b * N + i] = n;
+      const PixelNorm nm =
+          i < N ? pixel_norm(red[q] + red[kBP + q], x + i * f.sp, C, f.sc) : PixelNorm{0.0, 0};
+      scale[q] = compute_scale<A>(nm, eps);
+      if (i < N) norms[b * N + i] = nm;
     }
     __syncthreads();
+    if (resident)
+      for (int64_t c = h; c < Cpad; c += 2) xt[c * kLDX + q] = unit_of(xt[c * kLDX + q], scale[q]);
   }
 
   const int s = tid & 7;  // pixel lane of an 8-lane group; the group owns a 4 x 4 (c, j) tile
   for (int64_t j0 = 0; j0 < k; j0 += kJW) {
     const int jw = static_cast<int>(min64(kJW, k - j0));
     const int jg_n = (jw + 3) / 4;
-    fill_probes<A>(src, zr, kLDZ, kJW, b, i0, N, k, j0, rs);
+    fill_probes<A>(src, zr, kLDZ, kJW, b, i0, N, k, j0);
     __syncthreads();
     for (int64_t c0 = 0; c0 < C; c0 += kCC) {
       const A* xs = xt + (resident ? c0 * kLDX : 0);
@@ -168,7 +173,8 @@ __global__ void __launch_bounds__(kProjThreads, 2)
         for (int idx = tid; idx < kCC * kBP; idx += kProjThreads) {
           const int cc = idx / kBP, q = idx % kBP;
           const int64_t c = c0 + cc, i = i0 + q;
-          xt[cc * kLDX + q] = (i < N && c < C) ? widen<A>(x[c * f.sc + i * f.sp]) : A(0);
+          xt[cc * kLDX + q] =
+              (i < N && c < C) ? unit_of(widen<A>(x[c * f.sc + i * f.sp]), scale[q]) : A(0);
         }
         __syncthreads();
       }
@@ -230,9 +236,10 @@ __global__ void __launch_bounds__(256)
 // kGC-channel chunks. Y rows are staged through shared memory so the global writes coalesce.
 template <typename E, typename A>
 __global__ void __launch_bounds__(kBP)
-    ffa_backproject_kernel(Features fs, Features ft, int64_t N, int64_t k, A eps, int p,
-                           const A* __restrict__ norm_s, const A* __restrict__ norm_t,
-                           const A* __restrict__ Ps, const A* __restrict__ Pt, A* __restrict__ y,
+    ffa_backproject_kernel(Features fs, Features ft, int64_t N, int64_t k, double eps, int p,
+                           const PixelNorm* __restrict__ norm_s,
+                           const PixelNorm* __restrict__ norm_t, const A* __restrict__ Ps,
+                           const A* __restrict__ Pt, A* __restrict__ y,
                            double* __restrict__ partial) {
   __shared__ A pc[kGC][kKT];
   __shared__ A yt[kBP][kLDW];
@@ -241,8 +248,8 @@ __global__ void __launch_bounds__(kBP)
   const int q = threadIdx.x;
   const int64_t i = i0 + q;
   const bool valid = i < N;
-  const A rs = valid ? A(1) / (norm_s[b * N + i] + eps) : A(0);
-  const A rt = valid ? A(1) / (norm_t[b * N + i] + eps) : A(0);
+  const ComputeScale<A> us = compute_scale<A>(valid ? norm_s[b * N + i] : PixelNorm{0.0, 0}, eps);
+  const ComputeScale<A> ut = compute_scale<A>(valid ? norm_t[b * N + i] : PixelNorm{0.0, 0}, eps);
   A loss = A(0);
   for (int64_t j0 = 0; j0 < k; j0 += kKT) {
     const int jw = static_cast<int>(min64(kKT, k - j0));
@@ -254,6 +261,7 @@ __global__ void __launch_bounds__(kBP)
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
       const Features& f = w ? ft : fs;
+      const ComputeScale<A>& scale = w ? ut : us;
       const A* P = (w ? Pt : Ps) + b * f.C * k;
       const E* x = static_cast<const E*>(f.ptr) + b * f.sb + i * f.sp;
       for (int64_t c0 = 0; c0 < f.C; c0 += kGC) {
@@ -264,7 +272,7 @@ __global__ void __launch_bounds__(kBP)
         __syncthreads();
         const int cn = static_cast<int>(min64(kGC, f.C - c0));
         for (int cc = 0; cc < cn; ++cc) {
-          const A xv = valid ? widen<A>(x[(c0 + cc) * f.sc]) : A(0);
+          const A xv = valid ? unit_of(widen<A>(x[(c0 + cc) * f.sc]), scale) : A(0);
 #pragma unroll
           for (int jj = 0; jj < kKT; ++jj) acc[w][jj] = fma(xv, pc[cc][jj], acc[w][jj]);
         }
@@ -273,7 +281,7 @@ __global__ void __launch_bounds__(kBP)
     }
 #pragma unroll
     for (int jj = 0; jj < kKT; ++jj) {
-      const A v = rs * acc[0][jj] - rt * acc[1][jj];
+      const A v = acc[0][jj] - acc[1][jj];
       if (jj < jw) loss += p == 1 ? fabs(v) : v * v;
       yt[q][jj] = v;
     }
@@ -291,13 +299,13 @@ __global__ void __launch_bounds__(kBP)
 
 // ---- backward 2: G and the chain rule ---------------------------------------------------------
 // Thread per pixel. W and Z rows (kKT probes) are staged through shared memory into registers;
-// P_X and Q_X by kGC-channel chunks. kFused (k <= kKT): sweep 0 accumulates (x . G), sweep 1 writes
-//   g_x = G / (n + eps) - x (x . G) / (n (n + eps)^2)  (second term 0 at n = 0), G recomputed.
+// P_X and Q_X by kGC-channel chunks. kFused (k <= kKT): sweep 0 accumulates (u . G), sweep 1 writes
+//   g_x = r (G - xh (u . G)), r = 1 / (n + eps), xh = x / n (0 at n = 0), G recomputed.
 // Otherwise G (sign included) is accumulated over probe windows into Gout [B, C, N].
 template <typename E, typename A, typename Src, bool kFused>
 __global__ void __launch_bounds__(kBP)
-    ffa_grad_kernel(Features f, int64_t N, int64_t k, A eps, A sign, Src src, GradW<A> wsrc,
-                    const A* __restrict__ norms, const A* __restrict__ P,
+    ffa_grad_kernel(Features f, int64_t N, int64_t k, double eps, A sign, Src src, GradW<A> wsrc,
+                    const PixelNorm* __restrict__ norms, const A* __restrict__ P,
                     const A* __restrict__ Q, E* __restrict__ out, A* __restrict__ Gout) {
   __shared__ A ws[kBP * kLDW];
   __shared__ A zs[kBP * kLDW];
@@ -313,8 +321,8 @@ __global__ void __launch_bounds__(kBP)
 
   for (int64_t j0 = 0; j0 < k; j0 += kKT) {
     const int jw = static_cast<int>(min64(kKT, k - j0));
-    fill_probes<A>(wsrc, ws, kLDW, kKT, b, i0, N, k, j0, nullptr);
-    fill_probes<A>(src, zs, kLDW, kKT, b, i0, N, k, j0, nullptr);
+    fill_probes<A>(wsrc, ws, kLDW, kKT, b, i0, N, k, j0);
+    fill_probes<A>(src, zs, kLDW, kKT, b, i0, N, k, j0);
     __syncthreads();
     A w[kKT], z[kKT];
 #pragma unroll
@@ -339,23 +347,26 @@ __global__ void __launch_bounds__(kBP)
       __syncthreads();
     };
     if constexpr (kFused) {
-      A dot = A(0);
-      for (int64_t c0 = 0; c0 < C; c0 += kGC) {
-        stage(c0);
-        const int cn = static_cast<int>(min64(kGC, C - c0));
-        if (valid)
-          for (int cc = 0; cc < cn; ++cc) dot += widen<A>(x[(c0 + cc) * f.sc]) * g_of(cc);
-        __syncthreads();
-      }
-      const A n = valid ? norms[b * N + i] : A(0), ne = n + eps;
-      const A a = A(1) / ne, bc = n > A(0) ? dot / (n * ne * ne) : A(0);
-      E* o = out + b * C * N + i;
+      const ComputeScale<A> us =
+          compute_scale<A>(valid ? norms[b * N + i] : PixelNorm{0.0, 0}, eps);
+      A dot = A(0);  // |u| <= 1: no range issue in A
       for (int64_t c0 = 0; c0 < C; c0 += kGC) {
         stage(c0);
         const int cn = static_cast<int>(min64(kGC, C - c0));
         if (valid)
           for (int cc = 0; cc < cn; ++cc)
-            o[(c0 + cc) * N] = store_as<E>(g_of(cc) * a - widen<A>(x[(c0 + cc) * f.sc]) * bc);
+            dot += unit_of(widen<A>(x[(c0 + cc) * f.sc]), us) * g_of(cc);
+        __syncthreads();
+      }
+      E* o = out + b * C * N + i;
+      for (int64_t c0 = 0; c0 < C; c0 += kGC) {
+        stage(c0);
+        const int cn = static_cast<int>(min64(kGC, C - c0));
+        if (valid)
+          for (int cc = 0; cc < cn; ++cc) {
+            const A xh = xhat_of(widen<A>(x[(c0 + cc) * f.sc]), us);
+            o[(c0 + cc) * N] = store_as<E>(unit_grad_of(g_of(cc) - xh * dot, us));
+          }
         __syncthreads();
       }
     } else {
@@ -379,13 +390,14 @@ int64_t num_blocks(int64_t N) { return ceil_div(N, kBP); }
 
 size_t project_smem(int64_t C, size_t as, bool resident) {
   const int64_t rows = resident ? round_up(C, kCC) : kCC;
-  return (3 * kBP + kBP * kLDZ + rows * kLDX) * as;
+  const size_t head = as == 8 ? project_head_bytes<double>() : project_head_bytes<float>();
+  return head + (kBP * kLDZ + rows * kLDX) * as;
 }
 bool project_resident(int64_t C, size_t as) { return project_smem(C, as, true) <= kResidentSmem; }
 
 struct FfaWorkspace {
-  void* norm_s;
-  void* norm_t;
+  PixelNorm* norm_s;
+  PixelNorm* norm_t;
   void* part;      // per-block partial projections, [B, nblk, max C, k]
   void* q;         // backward: Q_X [B, max C, k]
   void* g;         // backward, k > kKT: G [B, max C, N]
@@ -398,8 +410,8 @@ FfaWorkspace carve_ffa(const Pair& in, int64_t k, void* base, bool backward) {
   const size_t as = dtype_size(acc_dtype(in.dtype));
   const int64_t nblk = num_blocks(in.N), Cm = std::max(in.s.C, in.t.C);
   FfaWorkspace w{};
-  w.norm_s = c.take<char>(static_cast<size_t>(in.B * in.N) * as);
-  w.norm_t = c.take<char>(static_cast<size_t>(in.B * in.N) * as);
+  w.norm_s = c.take<PixelNorm>(static_cast<size_t>(in.B * in.N));
+  w.norm_t = c.take<PixelNorm>(static_cast<size_t>(in.B * in.N));
   w.part = c.take<char>(static_cast<size_t>(in.B * nblk * Cm * k) * as);
   if (backward) {
     w.q = c.take<char>(static_cast<size_t>(in.B * Cm * k) * as);
@@ -414,7 +426,7 @@ FfaWorkspace carve_ffa(const Pair& in, int64_t k, void* base, bool backward) {
 // P (or Q) [B, C, k] of one tensor: projection partials, then the fixed-order block sum.
 template <typename E, typename A, typename Src>
 cudaError_t project(const Pair& in, const Features& f, int64_t k, double eps, const Src& src,
-                    A* norms, A* part, A* out, cudaStream_t stream) {
+                    PixelNorm* norms, A* part, A* out, cudaStream_t stream) {
   const int64_t nblk = num_blocks(in.N);
   const bool resident = project_resident(f.C, sizeof(A));
   const size_t smem = project_smem(f.C, sizeof(A), resident);
@@ -422,7 +434,7 @@ cudaError_t project(const Pair& in, const Features& f, int64_t k, double eps, co
   FFA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)));
   kernel<<<dim3(static_cast<unsigned>(nblk), static_cast<unsigned>(in.B)), kProjThreads, smem,
-           stream>>>(f, in.N, k, static_cast<A>(eps), src, resident, norms, part);
+           stream>>>(f, in.N, k, eps, src, resident, norms, part);
   FFA_CHECK_LAUNCH();
   const int64_t total = in.B * f.C * k;
   ffa_reduce_blocks_kernel<A><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream>>>(
@@ -436,16 +448,16 @@ cudaError_t forward_impl(const Pair& in, int64_t k, int p, double eps, const Src
                          const FfaWorkspace& w, void* loss, void* y, void* ps, void* pt,
                          cudaStream_t stream) {
   using A = acc_t<E>;
-  A* ns = static_cast<A*>(w.norm_s);
-  A* nt = static_cast<A*>(w.norm_t);
+  PixelNorm* ns = w.norm_s;
+  PixelNorm* nt = w.norm_t;
   A* part = static_cast<A*>(w.part);
   FFA_CUDA_TRY((project<E, A>(in, in.s, k, eps, src, ns, part, static_cast<A*>(ps), stream)));
   FFA_CUDA_TRY((project<E, A>(in, in.t, k, eps, src, nt, part, static_cast<A*>(pt), stream)));
   const int64_t nblk = num_blocks(in.N);
   ffa_backproject_kernel<E, A>
       <<<dim3(static_cast<unsigned>(nblk), static_cast<unsigned>(in.B)), kBP, 0, stream>>>(
-          in.s, in.t, in.N, k, static_cast<A>(eps), p, ns, nt, static_cast<const A*>(ps),
-          static_cast<const A*>(pt), static_cast<A*>(y), w.loss_part);
+          in.s, in.t, in.N, k, eps, p, ns, nt, static_cast<const A*>(ps), static_cast<const A*>(pt),
+          static_cast<A*>(y), w.loss_part);
   FFA_CHECK_LAUNCH();
   const double denom = static_cast<double>(k) * static_cast<double>(in.N) * static_cast<double>(in.N);
   return launch_finalize(acc_dtype(in.dtype), w.loss_part, in.B, nblk, denom, loss, stream);
@@ -460,7 +472,7 @@ cudaError_t backward_impl(const Pair& in, int64_t k, int p, double eps, const Sr
   const double inv_kn2 =
       1.0 / (static_cast<double>(k) * static_cast<double>(in.N) * static_cast<double>(in.N));
   const GradW<A> wsrc{static_cast<const A*>(y), grad, in.N, inv_kn2, p};
-  A* norms = static_cast<A*>(w.norm_s);
+  PixelNorm* norms = w.norm_s;
   A* part = static_cast<A*>(w.part);
   A* Q = static_cast<A*>(w.q);
   for (int which = 0; which < 2; ++which) {
@@ -473,17 +485,15 @@ cudaError_t backward_impl(const Pair& in, int64_t k, int p, double eps, const Sr
     const dim3 grid(static_cast<unsigned>(nblk), static_cast<unsigned>(in.B));
     if (k <= kKT) {
       ffa_grad_kernel<E, A, Src, true><<<grid, kBP, 0, stream>>>(
-          f, in.N, k, static_cast<A>(eps), sign, src, wsrc, norms, P, Q, static_cast<E*>(out),
-          nullptr);
+          f, in.N, k, eps, sign, src, wsrc, norms, P, Q, static_cast<E*>(out), nullptr);
       FFA_CHECK_LAUNCH();
     } else {
       A* G = static_cast<A*>(w.g);
-      ffa_grad_kernel<E, A, Src, false><<<grid, kBP, 0, stream>>>(
-          f, in.N, k, static_cast<A>(eps), sign, src, wsrc, norms, P, Q, nullptr, G);
+      ffa_grad_kernel<E, A, Src, false>
+          <<<grid, kBP, 0, stream>>>(f, in.N, k, eps, sign, src, wsrc, norms, P, Q, nullptr, G);
       FFA_CHECK_LAUNCH();
-      FFA_CUDA_TRY(launch_unit_backward(in, which, acc_dtype(in.dtype), norms, in.N, G,
-                                        f.C * in.N, 1, in.N, nullptr, 1.0, eps, 1.0, out,
-                                        stream));
+      FFA_CUDA_TRY(launch_unit_backward(in, which, acc_dtype(in.dtype), norms, in.N, G, f.C * in.N,
+                                        1, in.N, nullptr, 1.0, eps, out, stream));
     }
   }
   return cudaSuccess;

@@ -24,6 +24,13 @@ struct Features {
   int64_t C, sb, sc, sp;
 };
 
+// One pixel's norm ||x||_2 over channels as ns * 2^en: en = 0 unless the plain float64 sum of
+// squares left float64's range (only possible for float64 inputs; device.cuh, pixel_norm).
+struct PixelNorm {
+  double ns;
+  int en;
+};
+
 // A student/teacher pair sharing batch B, pixels N and dtype.
 struct Pair {
   Dtype dtype;
@@ -32,7 +39,7 @@ struct Pair {
 };
 
 // ---- exact FA, p = 1 (fa_kernels.cu) --------------------------------------------------------
-// How the tiles of D = X_S X_S^T - X_T X_T^T are multiplied.
+// How the tiles of D = U_S^T U_S - U_T^T U_T are multiplied (each product by its own accumulators).
 enum class FaPath : int {
   kTensorCore = 0,  // mma.sync: bf16/fp16 operands (TF32 for float32), fp32 accumulation
   kSimt = 1,        // FMA in the compute dtype: full float32, float64, or any K too large for smem
@@ -44,7 +51,7 @@ struct FaL1Plan {
   int64_t Npad;        // pixels rounded up to 128 (zero rows)
   int64_t CsP, CtP;    // channels rounded up to 16 (zero columns); teacher columns start at CsP
   int64_t KP;          // CsP + CtP
-  Dtype packed;        // element type of the packed unit pixels X, Xneg
+  Dtype packed;        // element type of the packed unit pixels X
   int64_t row_block;   // rows per CTA (64 * mt or 64)
   size_t smem;         // dynamic shared memory of the tensor-core kernels
 };
@@ -62,13 +69,15 @@ cudaError_t fa_l1_forward(const Pair& in, const FaL1Plan& plan, double eps, void
 cudaError_t fa_l1_backward(const Pair& in, const FaL1Plan& plan, double eps, const double* grad,
                            void* workspace, void* gs, void* gt, cudaStream_t stream);
 
-// ---- helpers for exact FA p = 2 (Gram matrices through cuBLAS in the host wrapper) -----------
-// X[b, i, :] = [u_S(i) | u_T(i)] in float64, row stride Cs + Ct; norms[b, 0|1, i] = ||s_i||, ||t_i||.
-cudaError_t fa_pack_f64(const Pair& in, double eps, double* X, double* norms, cudaStream_t stream);
-// Chain rule through u = x / (||x|| + eps) for one tensor of the pair (which = 0 student, 1 teacher):
-//   g_x = scale_b (g_u / (n + eps) - x (x . g_u) / (n (n + eps)^2)),  scale_b = factor * grad[b],
-// with g_u(b, i, c) = G[b * g_sb + i * g_sp + c * g_sc] (float64) and norms[b, which, i] (float64).
-cudaError_t fa_unit_backward_f64(const Pair& in, int which, const double* norms, const double* G,
+// ---- helpers for exact FA p = 2 (products through cuBLAS in the host wrapper) ----------------
+// Unit pixels in float64, pixel-major: us[b, i, :] = u_S(i) ([B, N, Cs] contiguous), ut[b, i, :] =
+// u_T(i) ([B, N, Ct]); norms[b, 0|1, i] = ||s_i||, ||t_i|| (may be null).
+cudaError_t fa_pack_f64(const Pair& in, double eps, double* us, double* ut, PixelNorm* norms,
+                        cudaStream_t stream);
+// Chain rule through u = x / (||x|| + eps) for one tensor of the pair (which: 0 student, 1 teacher)
+//   g_x = scale_b r (g_u - (x / n) (u . g_u)),  r = 1 / (n + eps),  scale_b = factor * grad[b],
+// with g_u(b, i, c) = G[b * g_sb + i * g_sp + c * g_sc] (float64) and norms from fa_pack_f64.
+cudaError_t fa_unit_backward_f64(const Pair& in, int which, const PixelNorm* norms, const double* G,
                                  int64_t g_sb, int64_t g_sp, int64_t g_sc, const double* grad,
                                  double factor, double eps, void* out, cudaStream_t stream);
 

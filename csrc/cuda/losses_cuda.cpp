@@ -1,10 +1,9 @@
 // CUDA implementations of the ffa loss ops: tensor checks (csrc/common.h, shared with the CPU
 // wrappers), device guard and current stream, outputs and one workspace from torch's caching
 // allocator, then the torch-free launchers of fa_kernels.cu / ffa_kernels.cu (launch.h).
-// Exact FA p = 2 runs here on ATen (cuBLAS): unit pixels packed in float64 by a kernel, the channel
-// Gram matrices M = X^T X by at::bmm in float64 (the identity cancels when student ~ teacher; see
-// the CPU kernel), loss = sum(mask . M^2) / N^2; backward G = X (mask . M)[:, cols] (at::bmm), then
-// the chain-rule kernel. No host synchronization anywhere.
+// Exact FA p = 2 runs here on ATen (cuBLAS), in float64 (the Gram identity cancels when student ~
+// teacher): unit pixels packed by a kernel, then the cheaper of two exact forms (fa_l2_forward),
+// then the chain-rule kernel. No host synchronization anywhere.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -93,52 +92,81 @@ std::tuple<at::Tensor, at::Tensor> finish_grads(const at::Tensor& gs, const at::
 }
 
 // ---- exact FA ------------------------------------------------------------------------------
-// +1 on the student-student and teacher-teacher blocks of M, -1 on the cross blocks.
-at::Tensor block_signs(int64_t Cs, int64_t Ct, const at::Tensor& like) {
-  auto side = at::cat({at::ones({Cs}, like.options()), -at::ones({Ct}, like.options())});
-  return side.unsqueeze(1) * side.unsqueeze(0);
+// Unit pixels of both tensors in float64, pixel-major: us [B, N, Cs], ut [B, N, Ct] in separate
+// buffers of the same layout and alignment, so that equal student and teacher go through identical
+// cuBLAS calls and give bitwise-equal products; norms [B, 2, N] for the chain rule (backward).
+struct UnitsF64 {
+  at::Tensor us, ut, norms;
+};
+
+UnitsF64 pack_units_f64(const at::Tensor& like, const Pair& in, double eps, bool with_norms,
+                        cudaStream_t stream) {
+  const auto f64 = like.options().dtype(at::kDouble);
+  UnitsF64 u{at::empty({in.B, in.N, in.s.C}, f64), at::empty({in.B, in.N, in.t.C}, f64), {}};
+  if (with_norms)
+    u.norms = at::empty({static_cast<int64_t>(in.B * 2 * in.N * sizeof(PixelNorm))},
+                        like.options().dtype(at::kByte));
+  check_cuda(
+      fa_pack_f64(in, eps, u.us.data_ptr<double>(), u.ut.data_ptr<double>(),
+                  with_norms ? static_cast<PixelNorm*>(u.norms.data_ptr()) : nullptr, stream),
+      "fa_pack_f64");
+  return u;
 }
 
-at::Tensor fa_l2_forward(const at::Tensor& s3, const at::Tensor& t3, const Pair& in, double eps,
-                         cudaStream_t stream) {
-  const auto f64 = s3.options().dtype(at::kDouble);
-  const int64_t K = in.s.C + in.t.C;
-  auto X = at::empty({in.B, in.N, K}, f64);
-  auto norms = at::empty({in.B, 2, in.N}, f64);
-  check_cuda(fa_pack_f64(in, eps, X.data_ptr<double>(), norms.data_ptr<double>(), stream),
-             "fa_pack_f64");
-  auto M = at::bmm(X.transpose(1, 2), X);
+// Exact FA p = 2 has two exact forms; the one with fewer FLOPs is used, forward and backward:
+//  - pixel form, N < Cs + Ct: D = U_S U_S^T - U_T U_T^T materialized per sample, O(N^2 (Cs + Ct))
+//    work and N^2 memory (C = 4096, N = 4: the channel form would need 4096^2 Grams);
+//  - channel form: ||D||^2 = ||G_SS||^2 + ||G_TT||^2 - 2 ||G_ST||^2 with G_XY = U_X^T U_Y,
+//    O(N (Cs + Ct)^2) work, clamped at 0 (rounding can leave -1e-16 when student ~ teacher; the
+//    gradient stays the analytic one, ~0 there).
+// Every product is its own bmm on same-shaped operands, so student == teacher gives exactly 0.
+bool pixel_form(const Pair& in) { return in.N < in.s.C + in.t.C; }
+
+at::Tensor squared_norm(const at::Tensor& m) { return m.square().sum({1, 2}); }
+
+at::Tensor affinity_difference(const UnitsF64& u) {
+  return at::bmm(u.us, u.us.transpose(1, 2)) - at::bmm(u.ut, u.ut.transpose(1, 2));
+}
+
+at::Tensor fa_l2_forward(const at::Tensor& s3, const Pair& in, double eps, cudaStream_t stream) {
+  const UnitsF64 u = pack_units_f64(s3, in, eps, false, stream);
   const double n2 = static_cast<double>(in.N) * static_cast<double>(in.N);
-  return (M.square() * block_signs(in.s.C, in.t.C, M)).sum({1, 2}).div_(n2);
+  if (pixel_form(in)) return squared_norm(affinity_difference(u)).div_(n2);
+  const auto usT = u.us.transpose(1, 2), utT = u.ut.transpose(1, 2);
+  const auto ss = squared_norm(at::bmm(usT, u.us)), tt = squared_norm(at::bmm(utT, u.ut));
+  const auto st = squared_norm(at::bmm(usT, u.ut));
+  return (ss + tt - 2.0 * st).clamp_min_(0.0).div_(n2);
 }
 
-std::tuple<at::Tensor, at::Tensor> fa_l2_backward(const at::Tensor& grad, const at::Tensor& s3,
-                                                  const at::Tensor& t3, const Pair& in, double eps,
-                                                  at::Tensor& gs, at::Tensor& gt,
-                                                  cudaStream_t stream) {
-  const auto f64 = s3.options().dtype(at::kDouble);
-  const int64_t Cs = in.s.C, K = Cs + in.t.C;
+// dL/dU_S = 4 g / N^2 D U_S = 4 g / N^2 (U_S G_SS - U_T G_TS) (pixel-major rows),
+// dL/dU_T = -4 g / N^2 D U_T = 4 g / N^2 (U_T G_TT - U_S G_ST).
+void fa_l2_backward(const at::Tensor& grad, const at::Tensor& s3, const Pair& in, double eps,
+                    at::Tensor& gs, at::Tensor& gt, cudaStream_t stream) {
   const bool need_s = gs.defined(), need_t = gt.defined();
-  auto X = at::empty({in.B, in.N, K}, f64);
-  auto norms = at::empty({in.B, 2, in.N}, f64);
-  check_cuda(fa_pack_f64(in, eps, X.data_ptr<double>(), norms.data_ptr<double>(), stream),
-             "fa_pack_f64");
-  const int64_t c0 = need_s ? 0 : Cs, Kg = (need_s ? Cs : 0) + (need_t ? in.t.C : 0);
-  auto W = at::bmm(X.transpose(1, 2), X).mul_(block_signs(Cs, in.t.C, X)).narrow(2, c0, Kg);
-  auto G = at::bmm(X, W).contiguous();  // [B, N, Kg]; dL/du = 4 g / N^2 G
+  const UnitsF64 u = pack_units_f64(s3, in, eps, true, stream);
   const double factor = 4.0 / (static_cast<double>(in.N) * static_cast<double>(in.N));
+  at::Tensor gus, gut;  // dL/du up to the factor, [B, N, C]
+  double teacher_factor = factor;
+  if (pixel_form(in)) {
+    const auto D = affinity_difference(u);
+    if (need_s) gus = at::bmm(D, u.us);
+    if (need_t) gut = at::bmm(D, u.ut);
+    teacher_factor = -factor;
+  } else {
+    const auto usT = u.us.transpose(1, 2), utT = u.ut.transpose(1, 2);
+    if (need_s) gus = at::bmm(u.us, at::bmm(usT, u.us)) - at::bmm(u.ut, at::bmm(utT, u.us));
+    if (need_t) gut = at::bmm(u.ut, at::bmm(utT, u.ut)) - at::bmm(u.us, at::bmm(usT, u.ut));
+  }
   const double* gp = grad.const_data_ptr<double>();
+  const auto* norms = static_cast<const PixelNorm*>(u.norms.const_data_ptr());
   if (need_s)
-    check_cuda(fa_unit_backward_f64(in, 0, norms.const_data_ptr<double>(),
-                                    G.const_data_ptr<double>(), in.N * Kg, Kg, 1, gp, factor, eps,
-                                    gs.data_ptr(), stream),
+    check_cuda(fa_unit_backward_f64(in, 0, norms, gus.const_data_ptr<double>(), in.N * in.s.C,
+                                    in.s.C, 1, gp, factor, eps, gs.data_ptr(), stream),
                "fa_unit_backward_f64");
   if (need_t)
-    check_cuda(fa_unit_backward_f64(in, 1, norms.const_data_ptr<double>(),
-                                    G.const_data_ptr<double>() + (need_s ? Cs : 0), in.N * Kg, Kg,
-                                    1, gp, factor, eps, gt.data_ptr(), stream),
+    check_cuda(fa_unit_backward_f64(in, 1, norms, gut.const_data_ptr<double>(), in.N * in.t.C,
+                                    in.t.C, 1, gp, teacher_factor, eps, gt.data_ptr(), stream),
                "fa_unit_backward_f64");
-  return {gs, gt};
 }
 
 at::Tensor fa_loss_cuda(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
@@ -154,7 +182,7 @@ at::Tensor fa_loss_cuda(const at::Tensor& student, const at::Tensor& teacher, in
   if (in.N == 0)  // 0 / 0, as the CPU kernel gives
     return at::full({in.B}, std::numeric_limits<double>::quiet_NaN(),
                     student.options().dtype(out_dtype));
-  if (p == 2) return fa_l2_forward(s3, t3, in, eps, stream).to(out_dtype);
+  if (p == 2) return fa_l2_forward(s3, in, eps, stream).to(out_dtype);
   auto out = at::empty({in.B}, student.options().dtype(out_dtype));
   const FaL1Plan plan =
       fa_l1_plan(in, at::globalContext().allowTF32CuBLAS(), smem_optin(student.get_device()));
@@ -178,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> fa_loss_backward_cuda(const at::Tensor& grad,
   at::Tensor gt = mask[1] ? at::empty(teacher.sizes(), teacher.options()) : at::Tensor();
   if ((mask[0] || mask[1]) && in.B > 0 && in.N > 0) {
     if (p == 2) {
-      fa_l2_backward(g, s3, t3, in, eps, gs, gt, stream);
+      fa_l2_backward(g, s3, in, eps, gs, gt, stream);
     } else {
       const FaL1Plan plan =
           fa_l1_plan(in, at::globalContext().allowTF32CuBLAS(), smem_optin(student.get_device()));

@@ -4,7 +4,8 @@ The .cu sources are rewritten for g++: `extern __shared__ ... smem_raw[]` become
 dynamic shared memory, `__shared__` becomes `static` (blocks run one at a time), and each
 `kernel<<<grid, block, smem, stream>>>(args);` becomes `ffa_emu_launch(grid, block, smem, stream,
 [&] { kernel(args); });`. Then emu_main.cpp compares every launcher with float64 references.
-Usage: python tools/cuda_emu/run.py [--quick] [--cuda-include DIR]
+Usage: python tools/cuda_emu/run.py [--quick] [--only TEXT] [--cuda-include DIR]
+(--only runs just the checks whose name contains TEXT.)
 Needs g++ with C++20 and the CUDA toolkit headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h).
 """
 
@@ -74,6 +75,7 @@ def rewrite(src: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="")
     ap.add_argument("--cuda-include", default="/usr/local/cuda/include")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +92,8 @@ def main() -> int:
             *sources, str(HERE / "emu_main.cpp"), "-o", str(exe),
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
-        return subprocess.run([str(exe)] + (["--quick"] if args.quick else [])).returncode
+        flags = (["--quick"] if args.quick else []) + ([f"--only={args.only}"] if args.only else [])
+        return subprocess.run([str(exe), *flags]).returncode
 
 
 if __name__ == "__main__":
