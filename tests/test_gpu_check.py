@@ -175,7 +175,7 @@ def test_sanitize_calls_run_on_cpu(capsys):
     assert g.run_all(calls, "cpu") == 0, capsys.readouterr().out
 
 
-def test_cuda_case_selection():
+def test_gpu_case_selection():
     sel = _load("pytest_cuda_only")
 
     class Mark:

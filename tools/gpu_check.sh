@@ -468,8 +468,9 @@ step_tests() {
     note+=", no pytest-timeout: no per-test timeout"
   fi
   # One intra-op thread and one inductor compile thread per worker: the workers share the cores.
+  # At the limit pytest gets SIGINT first: it stops and still writes its summary and junit XML.
   (cd "$RUN" && PYTHONPATH="$PYPATH" OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-    timeout -k 15 "$limit" "$PY" "${args[@]}" -q --tb=short --junitxml "$WORK/junit.xml") 2>&1 |
+    timeout -s INT -k 20 "$limit" "$PY" "${args[@]}" -q --tb=short --junitxml "$WORK/junit.xml") 2>&1 |
     tee -a "$OUT/tests.log" >/dev/null
   rc=$?
   record tests "$(status_of $rc)" $(($(now) - t0)) "$note"

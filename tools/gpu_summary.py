@@ -129,6 +129,9 @@ def tests_section(work: Path, out_dir: Path) -> list[str]:
         f"{res['skipped']} skipped** of {res['tests']} selected CUDA cases "
         f"({res['time']:.0f} s of test time)."
     )
+    log = out_dir / "tests.log"
+    if log.exists() and "KeyboardInterrupt" in log.read_text(errors="replace"):
+        out.append("pytest was interrupted at its time limit: the counts cover the cases that ran.")
     if res["failed"]:
         out += ["", f"Failures and errors ({len(res['failed'])}; first 40):", ""]
         out += [f"- {kind}: `{node}`: {_md(msg)}" for kind, node, msg in res["failed"][:40]]
