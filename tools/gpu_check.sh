@@ -29,7 +29,7 @@
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (470), GPU_CHECK_STEPS (env,build,tests,sanitize,bench,
 # sweep; e.g. env,build,sanitize for a partial rerun), GPU_CHECK_ARCH (default: the GPU's, e.g.
-# 90), GPU_CHECK_JOBS (pytest workers, 12), GPU_CHECK_TEST_TIMEOUT (per test, 120 s),
+# 90), GPU_CHECK_JOBS (pytest workers, 12 on 16 cores), GPU_CHECK_TEST_TIMEOUT (per test, 120 s),
 # GPU_CHECK_TESTS (test paths, tests), GPU_CHECK_SWEEP_METHODS, PYTHON (python3),
 # GPU_CHECK_KEEP_WORK=1 (keep the work folder). To rehearse the GPU path's plumbing on a CPU
 # machine: GPU_CHECK_MODE=gpu (skip the GPU detection) and GPU_CHECK_CUDA=OFF (build without CUDA);
@@ -44,6 +44,7 @@
 # the CPU kernels (GPU_CHECK_DRY_CPU_CALLS=0 leaves them out); the bench and sweep command lines;
 # the summary.
 set -uo pipefail
+exec 3>&1 # progress lines, also from the background step whose output goes to a log
 
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then
@@ -59,7 +60,6 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 STEPS=${GPU_CHECK_STEPS:-env,build,tests,sanitize,bench,sweep}
-JOBS=${GPU_CHECK_JOBS:-12}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-120}
 TESTS=${GPU_CHECK_TESTS:-tests}
 SWEEP_METHODS=${GPU_CHECK_SWEEP_METHODS:-ffa_fa,ffa_ffa,reference_fa,reference_ffa}
@@ -71,6 +71,7 @@ SITE=$WORK/site # the build's install target, first on PYTHONPATH
 RUN=$WORK/run   # an empty working folder for everything that imports ffa
 mkdir -p "$SITE" "$RUN" "$WORK/sanitize"
 NCPU=$(nproc 2>/dev/null || echo 4)
+JOBS=${GPU_CHECK_JOBS:-$((NCPU >= 16 ? 12 : (NCPU * 3 + 3) / 4))} # pytest workers: 12 of 16 cores
 for f in summary.md setup.log tests.log sanitizer.log bench.log cuda_bench.json \
   resolution_sweep.csv resolution_sweep.png; do
   rm -f "$OUT/$f"
@@ -88,7 +89,7 @@ summary() { "$PY" "$REPO/tools/gpu_summary.py" --work "$WORK" --out "$OUT" "$@" 
 # record STEP STATUS SECONDS NOTE: one row of the summary's step table (also from the background).
 record() {
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$WORK/steps.tsv"
-  echo "gpu_check: [$(($(now) - T0)) s] $1: $2 ($3 s) $4"
+  echo "gpu_check: [$(($(now) - T0)) s] $1: $2 ($3 s) $4" >&3
   summary
 }
 status_of() { # exit status -> pass | TIMEOUT | FAIL
