@@ -507,13 +507,17 @@ step_bench() {
     return
   fi
   limit=$(step_limit 120)
+  touch "$WORK/bench.start" # results older than this are not this run's
   echo "===== cuda_bench: ${cmd[*]} (limit $limit s) =====" >>"$OUT/bench.log"
   (cd "$REPO" && PYTHONPATH="$PYPATH" PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "${cmd[@]}") 2>&1 |
     tee -a "$OUT/bench.log" >/dev/null
   rc=$?
   tag=$(cd "$REPO/benchmarks" && "$PY" -c 'import harness; print(harness.device_tag("cuda"))' 2>/dev/null)
-  if ! cp "$REPO/benchmarks/results/$tag/cuda_bench.json" "$OUT/cuda_bench.json" 2>/dev/null; then
-    echo "no benchmarks/results/$tag/cuda_bench.json" >>"$OUT/bench.log"
+  local json="$REPO/benchmarks/results/$tag/cuda_bench.json"
+  if [[ $json -nt $WORK/bench.start ]]; then
+    cp "$json" "$OUT/cuda_bench.json"
+  else
+    echo "no new benchmarks/results/$tag/cuda_bench.json" >>"$OUT/bench.log"
     ((rc == 0)) && rc=1
   fi
   record bench "$(status_of $rc)" $(($(now) - t0)) "limit $limit s"
