@@ -126,6 +126,7 @@ kill_tree() {
 finish() {
   local rc=$?
   trap - EXIT INT TERM
+  trap '' PIPE # a reader that went away must not stop the clean-up
   for pid in "${BG_PIDS[@]}"; do kill_tree "$pid"; done
   keep_tail "$OUT/setup.log" $((4 << 20))
   keep_tail "$OUT/tests.log" $((8 << 20))
