@@ -127,6 +127,16 @@ def _mark_unrequested(ctx, output, output_mask) -> None:
     )
 
 
+def _backward_op_backward(ctx, op, name: str, ggx, *qparam_grads):
+    """Double backward of a quantizer backward op: linear in its upstream gradient (the x part);
+    through the step / qparam gradients it raises."""
+    if any(g is not None for g in qparam_grads):
+        raise no_double_backward(name, "through the step / qparam gradients")
+    wanted = ctx.needs_input_grad[0] and ctx.output_mask[0]
+    gg = _x_part(op, ggx, ctx, len(ctx.output_mask)) if wanted else None
+    return gg, *[None] * (len(ctx.needs_input_grad) - 1)
+
+
 def _backward_op_jvp(ctx, op, tgrad, width: int, name: str):
     """Tangents of a quantizer backward op: the x-gradient is linear in the upstream gradient (a
     mask, constant in x and the qparams almost everywhere); the qparam gradients have no jvp."""
@@ -154,11 +164,7 @@ class QuantReluBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ggx, gga):
-        if gga is not None:
-            raise no_double_backward("quant_relu_backward", "through the alpha gradient")
-        wanted = ctx.needs_input_grad[0] and ctx.output_mask[0]
-        gg = _x_part(ops.quant_relu_backward, ggx, ctx, 2) if wanted else None
-        return gg, *[None] * 7
+        return _backward_op_backward(ctx, ops.quant_relu_backward, "quant_relu_backward", ggx, gga)
 
     @staticmethod
     def jvp(ctx, tgrad, *_):
@@ -223,11 +229,8 @@ class FakeQuantizeBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ggx, ggs, ggz):
-        if ggs is not None or ggz is not None:
-            raise no_double_backward("fake_quantize_backward", "through the LSQ qparam gradients")
-        wanted = ctx.needs_input_grad[0] and ctx.output_mask[0]
-        gg = _x_part(ops.fake_quantize_backward, ggx, ctx, 3) if wanted else None
-        return gg, *[None] * 9
+        op = ops.fake_quantize_backward
+        return _backward_op_backward(ctx, op, "fake_quantize_backward", ggx, ggs, ggz)
 
     @staticmethod
     def jvp(ctx, tgrad, *_):
