@@ -68,8 +68,11 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
     (shape [B]).
 
     p=1 runs a tiled O(N^2 C) kernel with O(N C) memory (symmetric: upper-triangle tiles only).
-    p=2 uses the identity ||D||_F^2 = ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on
-    channel Gram matrices accumulated in float64: O(N C^2), no N x N.
+    p=2 takes the cheaper of two exact forms: when N >= Cs + Ct, the identity ||D||_F^2 =
+    ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on channel Gram matrices accumulated in
+    float64 (O(N C^2), clamped at 0 against rounding); otherwise the tiled kernel of p=1
+    (O(N^2 C)). Neither builds N x N. Student and teacher equal give exactly 0 (value and
+    gradient).
 
     Args:
         student: [B, Cs, H, W] floating tensor (any layout: contiguous, channels_last, strided).
