@@ -23,8 +23,10 @@ def _check_options(p, reduction, eps):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    # Any finite eps > 0 works (norms are formed in float64, scale-safe); inf would zero every
+    # unit pixel and make the loss identically 0.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
 def _prepare(student, teacher):
