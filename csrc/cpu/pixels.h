@@ -27,7 +27,7 @@ struct PixelView {
   int64_t C, N, cs, ps;
 };
 
-constexpr int64_t kPixelBlock = 64;
+constexpr int64_t kPixelBlock = 256;
 
 // How one pixel x is normalized: u = x / (||x|| + eps) = (scale * x) * rs.
 struct PixelNorm {
@@ -139,14 +139,26 @@ void unit_pixels_backward_range(const scalar_t* x, PixelView v, int64_t i0, int6
   for (int64_t b0 = i0; b0 < i1; b0 += kPixelBlock) {
     const int64_t nb = std::min(kPixelBlock, i1 - b0);
     const g_t* gb = g + (b0 - i0) * gp;
-    for (int64_t i = 0; i < nb; ++i) s[i] = norms[b0 + i].scale;
-    std::fill(dot, dot + nb, 0.0);
-    for (int64_t c = 0; c < v.C; ++c) {
-      const scalar_t* xc = x + c * v.cs + b0 * v.ps;
-      const g_t* gcc = gb + c * gc;
-      for (int64_t i = 0; i < nb; ++i)
-        dot[i] += s[i] * static_cast<double>(xc[i * v.ps]) * static_cast<double>(gcc[i * gp]);
+    // The common case (plain: every pixel unscaled, r applied in one factor) skips the multiplies
+    // by 1 in both loops.
+    bool plain = true;
+    for (int64_t i = 0; i < nb; ++i) {
+      s[i] = norms[b0 + i].scale;
+      plain = plain && s[i] == 1;
     }
+    auto dot_pass = [&](auto plain_tag) {
+      std::fill(dot, dot + nb, 0.0);
+      for (int64_t c = 0; c < v.C; ++c) {
+        const scalar_t* xc = x + c * v.cs + b0 * v.ps;
+        const g_t* gcc = gb + c * gc;
+        for (int64_t i = 0; i < nb; ++i) {
+          double xs = static_cast<double>(xc[i * v.ps]);
+          if constexpr (!decltype(plain_tag)::value) xs *= s[i];
+          dot[i] += xs * static_cast<double>(gcc[i * gp]);
+        }
+      }
+    };
+    plain ? dot_pass(std::true_type{}) : dot_pass(std::false_type{});
     for (int64_t i = 0; i < nb; ++i) {
       const PixelNorm& n = norms[b0 + i];
       k[i] = n.nn > 0 ? n.rs * dot[i] / n.nn : 0.0;  // (u . g) / nn
@@ -154,17 +166,24 @@ void unit_pixels_backward_range(const scalar_t* x, PixelView v, int64_t i0, int6
       const bool normal = r >= std::numeric_limits<double>::min() && r <= detail::kDoubleMax;
       a[i] = normal ? r : n.rs;
       b[i] = normal ? 1.0 : n.scale;
+      plain = plain && normal;
     }
-    for (int64_t c = 0; c < v.C; ++c) {
-      const scalar_t* xc = x + c * v.cs + b0 * v.ps;
-      const g_t* gcc = gb + c * gc;
-      scalar_t* out = grad_x + c * v.N + b0;
-      for (int64_t i = 0; i < nb; ++i) {
-        const double xs = s[i] * static_cast<double>(xc[i * v.ps]);
-        out[i] =
-            static_cast<scalar_t>(b[i] * (a[i] * (static_cast<double>(gcc[i * gp]) - k[i] * xs)));
+    auto out_pass = [&](auto plain_tag) {
+      for (int64_t c = 0; c < v.C; ++c) {
+        const scalar_t* xc = x + c * v.cs + b0 * v.ps;
+        const g_t* gcc = gb + c * gc;
+        scalar_t* out = grad_x + c * v.N + b0;
+        for (int64_t i = 0; i < nb; ++i) {
+          const double gv = static_cast<double>(gcc[i * gp]);
+          const double xv = static_cast<double>(xc[i * v.ps]);
+          if constexpr (decltype(plain_tag)::value)
+            out[i] = static_cast<scalar_t>(a[i] * (gv - k[i] * xv));
+          else
+            out[i] = static_cast<scalar_t>(b[i] * (a[i] * (gv - k[i] * (s[i] * xv))));
+        }
       }
-    }
+    };
+    plain ? out_pass(std::true_type{}) : out_pass(std::false_type{});
   }
 }
 
