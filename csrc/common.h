@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdlib>
 
 namespace ffa {
@@ -79,7 +80,11 @@ inline void check_fake_quantize_args(const at::Tensor& x, const at::Tensor& scal
 
 inline void check_p(int64_t p) { TORCH_CHECK(p == 1 || p == 2, "p must be 1 or 2, got ", p); }
 
-inline void check_eps(double eps) { TORCH_CHECK(eps > 0, "eps must be positive, got ", eps); }
+// Any finite eps > 0 (the kernels form norms in float64, scale-safe); inf would zero every unit
+// pixel.
+inline void check_eps(double eps) {
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), "eps must be positive and finite, got ", eps);
+}
 
 inline void check_loss_options(int64_t p, double eps) {
   check_p(p);

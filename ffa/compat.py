@@ -20,8 +20,10 @@ Deliberate differences from the released code:
 - The quantizers return a fake-quantized copy whose gradient to the input is the identity
   (straight-through); the released code applies them to ``.data`` outside autograd, where this
   makes no difference.
-- ``order=2`` (both losses) keeps the released square root of the batch sum, whose gradient is
-  infinite where the loss is exactly 0 (student affinity equal to the teacher's), as released.
+- ``order=2`` (both losses) keeps the released square root of the batch sum. Where that sum is
+  exactly 0 (student affinity equal to the teacher's) the value and the gradient are 0, as the
+  released ``fa_loss``'s ``.norm()`` gives; the released ``fast_fa_loss``'s bare ``torch.sqrt``
+  gives a NaN gradient there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ from .functional import fast_feature_affinity_loss, feature_affinity_loss
 from .quant import quantize_weight
 
 __all__ = ["fa_loss", "fast_fa_loss", "quantize_bw", "quantize_tnn", "quantize_fbit"]
+
+
+def _sqrt(x):
+    """sqrt(x) with gradient 0 rather than inf * 0 = NaN where x = 0 (the subgradient that
+    ``torch.norm`` takes at 0); NaN stays NaN."""
+    zero = x == 0
+    return torch.where(
+        zero, torch.zeros_like(x), torch.sqrt(torch.where(zero, torch.ones_like(x), x))
+    )
 
 
 def _check_order(order):
@@ -51,7 +62,7 @@ def fa_loss(feat, ref_feat, order=1):
     if order == 1:
         return feature_affinity_loss(feat, ref_feat, p=1, reduction="sum")
     # sum_b sum_ij D^2 / N^2 = sum_b FA_p2_b, so norm(D) / N = sqrt(sum_b FA_p2_b).
-    return torch.sqrt(feature_affinity_loss(feat, ref_feat, p=2, reduction="sum"))
+    return _sqrt(feature_affinity_loss(feat, ref_feat, p=2, reduction="sum"))
 
 
 def fast_fa_loss(feat, ref_feat, dim=15, order=1, *, generator=None, projection=None):
@@ -71,7 +82,7 @@ def fast_fa_loss(feat, ref_feat, dim=15, order=1, *, generator=None, projection=
             feat, ref_feat, k=dim, p=1, reduction="sum", generator=generator, projection=projection
         )
     # sum_b sum_i mean_k Y^2 = N^2 * sum_b FFA_p2_b, so sqrt(...) / N = sqrt(sum_b FFA_p2_b).
-    return torch.sqrt(
+    return _sqrt(
         fast_feature_affinity_loss(
             feat, ref_feat, k=dim, p=2, reduction="sum", generator=generator, projection=projection
         )

@@ -23,8 +23,10 @@ def _check_options(p, reduction, eps):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    # Any finite eps > 0 works (norms are formed in float64, scale-safe); inf would zero every
+    # unit pixel and make the loss identically 0.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
 def _prepare(student, teacher):
@@ -68,8 +70,11 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
     (shape [B]).
 
     p=1 runs a tiled O(N^2 C) kernel with O(N C) memory (symmetric: upper-triangle tiles only).
-    p=2 uses the identity ||D||_F^2 = ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on
-    channel Gram matrices accumulated in float64: O(N C^2), no N x N.
+    p=2 takes the cheaper of two exact forms: when N >= Cs + Ct, the identity ||D||_F^2 =
+    ||U_S U_S^T||^2 + ||U_T U_T^T||^2 - 2 ||U_S U_T^T||^2 on channel Gram matrices accumulated in
+    float64 (O(N C^2), clamped at 0 against rounding); otherwise the tiled kernel of p=1
+    (O(N^2 C)). Neither builds N x N. Student and teacher equal give exactly 0 (value and
+    gradient).
 
     Args:
         student: [B, Cs, H, W] floating tensor (any layout: contiguous, channels_last, strided).

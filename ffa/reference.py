@@ -41,9 +41,18 @@ def resize_teacher(teacher: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def unit_pixels(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """[B,C,H,W] -> U [B,C,N] with columns x_i / (||x_i||_2 + eps)."""
+    """[B,C,H,W] -> U [B,C,N] with columns x_i / (||x_i||_2 + eps).
+
+    Evaluated as (x_i / m_i) / (||x_i / m_i||_2 + eps / m_i) with the constant (detached)
+    m_i = max(max_c |x_i|, eps): the same function of x, with the same gradient, but its squares
+    neither overflow nor underflow at any input magnitude, and eps / m_i <= 1.
+    """
     u = x.flatten(2)
-    return u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + eps)
+    m = u.detach().abs().amax(dim=1, keepdim=True).clamp_min(eps)
+    m = torch.where(m > 0, m, torch.ones_like(m))  # an eps below the dtype's range rounds to 0
+    u = u / m
+    # (a tensor numerator: `eps / m` would evaluate eps * (1 / m), which overflows for tiny m)
+    return u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + m.new_tensor(eps) / m)
 
 
 def affinity(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -160,6 +160,26 @@ def test_fast_fa_loss_dead_pixel_is_finite():
     assert torch.isfinite(s.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("order", [1, 2])
+def test_zero_distance_value_and_grad(order, dtype):
+    """Student affinity equal to the teacher's: value 0 and gradient 0 (not NaN), as the released
+    fa_loss's ``.norm()`` gives (its fast_fa_loss's bare sqrt gives NaN there; ffa gives 0)."""
+    s, _ = _pair(*SHAPES[0], dtype=dtype)
+    vec = torch.randn(36, 15, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    released = released_fa_loss(s, s.detach().clone(), order)
+    assert released.item() == 0
+    assert torch.equal(torch.autograd.grad(released, s)[0], torch.zeros_like(s))
+    for teacher in (s.detach().clone(), s):
+        for loss in (
+            compat.fa_loss(s, teacher, order),
+            compat.fast_fa_loss(s, teacher, order=order, projection=vec),
+        ):
+            assert loss.item() == 0
+            (g,) = torch.autograd.grad(loss, s)
+            assert torch.equal(g, torch.zeros_like(s))
+
+
 def test_float32_and_order_errors():
     s, t = _pair(*SHAPES[1], dtype=torch.float32)
     torch.testing.assert_close(compat.fa_loss(s, t), released_fa_loss(s, t), rtol=1e-4, atol=1e-6)

@@ -106,6 +106,31 @@ def test_matches_reference_with_the_same_z(device, p, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,scale",
+    [
+        (torch.float32, 1e-30),
+        (torch.float32, 1e30),
+        (torch.float64, 1e-200),
+        (torch.float64, 1e200),
+    ],
+    ids=str,
+)
+def test_extreme_scales_and_equal_inputs(device, dtype, scale):
+    """Scaled inputs (eps scaled too) give the unscaled loss; equal inputs give exactly 0."""
+    s, t = _inputs(device, torch.float64)
+    k, seed, offset = 15, 3, 8
+    z = philox_normals(s.shape[2] * s.shape[3], k, seed, offset).to(device)
+    want = reference.ffa_loss(s, t, z, p=1, reduction="none")
+    xs, xt = (s * scale).to(dtype), (t * scale).to(dtype)
+    loss = ops.ffa_loss_philox(xs, xt, k, 1, 1e-5 * scale, seed, offset)[0]
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=0)
+    same = ops.ffa_loss_philox(xs, xs.clone(), k, 1, 1e-5 * scale, seed, offset)[0]
+    assert torch.equal(same, torch.zeros_like(same))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_matches_projection_path(device):
     s, t = _inputs(device, torch.float64)
     k, seed, offset = 15, 5, 4

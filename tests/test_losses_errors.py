@@ -118,11 +118,13 @@ def test_float_p(loss, p):
         loss(s, t, p=p)
 
 
-@pytest.mark.parametrize("eps", [0, 0.0, -1e-5, float("nan"), "1e-5", None, True])
+@pytest.mark.parametrize(
+    "eps", [0, 0.0, -1e-5, float("nan"), float("inf"), "1e-5", None, True], ids=str
+)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_bad_eps(loss, eps):
     s, t = _pair()
-    with pytest.raises(ValueError, match=r"eps must be a positive number, got "):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite number, got "):
         loss(s, t, eps=eps)
 
 
@@ -183,8 +185,8 @@ def test_projection_checked_against_resized_student():
         ({"p": True}, "p must be 1 or 2"),
         ({"p": 2.0}, "p must be 1 or 2"),
         ({"reduction": "avg"}, "reduction must be one of"),
-        ({"eps": 0}, "eps must be a positive number"),
-        ({"eps": -1.0}, "eps must be a positive number"),
+        ({"eps": 0}, "eps must be a positive finite number"),
+        ({"eps": -1.0}, "eps must be a positive finite number"),
     ],
 )
 @pytest.mark.parametrize("cls", [ffa.FeatureAffinityLoss, ffa.FastFeatureAffinityLoss])
@@ -247,6 +249,8 @@ def _op_cases():
         "dtype_mix": (fa_l, (s, t.double(), 1, 1e-5), "same dtype"),
         "p": (fa_l, (s, t, 3, 1e-5), "p must be 1 or 2"),
         "eps": (fa_l, (s, t, 1, 0.0), "eps must be positive"),
+        "eps_inf": (fa_l, (s, t, 2, float("inf")), "eps must be positive and finite"),
+        "eps_nan": (fa_b, (g, s, t, 1, float("nan"), m), "eps must be positive and finite"),
         "channels": (fa_l, (s[:, :0], t, 1, 1e-5), "channels must be positive"),
         "bwd_grad": (fa_b, (torch.ones(3), s, t, 1, 1e-5, m), "grad must have shape"),
         "bwd_grad_2d": (fa_b, (torch.ones(2, 1), s, t, 2, 1e-5, m), "grad must have shape"),
@@ -258,6 +262,7 @@ def _op_cases():
         "ffa_z_dtype": (ffa_l, (s, t, z.double(), 1, 1e-5), "projection dtype"),
         "ffa_p": (ffa_l, (s, t, z, 5, 1e-5), "p must be 1 or 2"),
         "ffa_eps": (ffa_l, (s, t, z, 1, -1.0), "eps must be positive"),
+        "ffa_eps_inf": (ffa_l, (s, t, z, 1, float("inf")), "eps must be positive and finite"),
         "ffa_hw": (ffa_l, (s, t[:, :, :, :5], z, 1, 1e-5), "share H,W"),
         "ffa_bwd_y": (ffa_b, (g, s, t, z, y[:, :29], p_s, p_t, 1, 1e-5, m), "y must be"),
         "ffa_bwd_ps": (ffa_b, (g, s, t, z, y, p_t, p_t, 1, 1e-5, m), "p_s must be"),

@@ -1,6 +1,8 @@
-"""Large N where N*N overflows 32-bit indexing: 257x257 maps, N = 66049, N^2 = 4.36e9 > 2^32.
+"""Large sizes: N*N beyond 32-bit indexing, and many channels with few pixels.
 
-N is not a multiple of the 128-pixel tile, so the ragged last tile is visited too. The reference
+Large N where N*N overflows 32-bit indexing: 257x257 maps, N = 66049, N^2 = 4.36e9 > 2^32.
+
+N is not a multiple of the 256-pixel tile, so the ragged last tile is visited too. The reference
 cannot materialize D here (17 GB in float32), and a chunked float64 oracle takes over a minute on
 this 2-core machine, so the exact losses are checked on palette inputs: every pixel takes one of m
 (student vector, teacher vector) pairs, assigned at random. D_ij then depends only on the classes of
@@ -12,6 +14,9 @@ FFA never builds N x N, so ffa.reference.ffa_loss is its oracle directly.
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -74,7 +79,7 @@ def _peak_rss_gib():
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("device", DEVICES)
 def test_exact_fa_large_n(device, p):
-    assert N * N > 2**32 and N % 128 != 0
+    assert N * N > 2**32 and N % 256 != 0
     s, t, cls, counts, rep_s, rep_t = _palette_case(device)
     d = _class_d(rep_s, rep_t)
     off = ~torch.eye(len(counts), dtype=torch.bool)
@@ -123,3 +128,45 @@ def test_palette_oracle_matches_reference_small(device):
         torch.testing.assert_close(truth, ref.detach().cpu())
         torch.testing.assert_close(gs, rs.cpu())
         torch.testing.assert_close(gt, rt.cpu())
+
+
+_FEW_PIXELS_MANY_CHANNELS = """
+import resource, torch, ffa
+def run(c):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, c, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(1, c, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    ffa.feature_affinity_loss(s, t, p=2).backward()
+run(8)  # warm-up: thread pools, BLAS buffers
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(4096)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_fa_p2_few_pixels_many_channels_memory():
+    """N < Cs + Ct: exact FA p=2 takes the N x N form (O(N C) memory), not the (Cs + Ct)^2 Gram
+    matrices (512 MiB in float64 at Cs = Ct = 4096). Measured in a fresh process, whose peak RSS
+    the rest of the test session cannot have raised already."""
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FEW_PIXELS_MANY_CHANNELS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    grew_mib = float(run.stdout.strip().splitlines()[-1])
+    assert grew_mib < 64, f"peak RSS grew by {grew_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fa_p2_few_pixels_many_channels_values(device):
+    s = randn((2, 1500, 2, 3), dtype=torch.float64, device=device, seed=1, requires_grad=True)
+    t = randn((2, 1200, 2, 3), dtype=torch.float64, device=device, seed=2, requires_grad=True)
+    out = ffa.feature_affinity_loss(s, t, p=2, reduction="sum")
+    gs, gt = torch.autograd.grad(out, (s, t))
+    s64, t64 = s.detach().requires_grad_(), t.detach().requires_grad_()
+    truth = reference.fa_loss(s64, t64, p=2, reduction="sum")
+    rs, rt = torch.autograd.grad(truth, (s64, t64))
+    check_close(out, truth, dtype=torch.float64)
+    check_close(gs, rs, dtype=torch.float64, what="student grad")
+    check_close(gt, rt, dtype=torch.float64, what="teacher grad")

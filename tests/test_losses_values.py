@@ -9,6 +9,7 @@ from loss_helpers import (
     DEVICES,
     KINDS,
     check_close,
+    leaf,
     make_pair,
     make_projection,
     oracle_value_and_grads,
@@ -23,8 +24,8 @@ import ffa
 # Tiny cases: one intra-op thread (see conftest); test_losses_threads.py covers parallel paths.
 pytestmark = pytest.mark.torch_threads(1)
 
-# (B, Cs, Ct, H, W): Cs != Ct, odd sizes, batch one, N = 1, one channel, and N around the 128-pixel
-# tile of the exact p=1 kernel (N < 128, ragged 2 tiles, 2 full tiles, 3 tiles, 5 tiles).
+# (B, Cs, Ct, H, W): Cs != Ct, odd sizes, batch one, N = 1, one channel, and N around the 256-pixel
+# tile of the exact p=1 kernel (N < 256, one full tile, ragged 2 and 3 tiles).
 SHAPES = [
     (2, 3, 3, 5, 6),
     (3, 4, 2, 7, 9),
@@ -404,17 +405,222 @@ def test_nonfinite_inputs_propagate(device, dtype, p, kind, where, value):
     assert not torch.isfinite(mean)
 
 
+# Student and teacher of equal values: N > Cs + Ct and N < Cs + Ct (the two exact p=2 forms), and
+# N = 640 (several 256-pixel tiles of the exact kernel).
+EQUAL_SHAPES = [(2, 3, 3, 6, 7), (2, 12, 12, 3, 5), (1, 4, 4, 20, 32)]
+# (student layout, teacher layout); FFA runs its GEMMs in the features' own layout, so its
+# bitwise-zero guarantee is for equal layouts only.
+EQUAL_LAYOUTS = {
+    "contiguous": ("contiguous", "contiguous"),
+    "channels_last": ("channels_last", "channels_last"),
+    "sliced": ("sliced", "sliced"),
+    "mixed": ("channels_last", "contiguous"),
+}
+
+
+def _with_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        wide = torch.zeros(x.shape[0], x.shape[1] + 2, *x.shape[2:], dtype=x.dtype, device=x.device)
+        wide[:, 1:-1] = x
+        return wide[:, 1:-1]
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("layouts", list(EQUAL_LAYOUTS))
+@pytest.mark.parametrize("shape", EQUAL_SHAPES, ids=["x".join(map(str, s)) for s in EQUAL_SHAPES])
+@pytest.mark.parametrize("dtype", FLOATS + HALVES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_student_equals_teacher_is_zero(device, p):
-    s = randn((2, 3, 6, 7), dtype=torch.float64, device=device)
-    assert ffa.feature_affinity_loss(s, s.clone(), p=p, reduction="sum").item() == pytest.approx(
-        0.0, abs=1e-15
-    )
-    z = randn((42, 4), dtype=torch.float64, device=device)
-    assert ffa.fast_feature_affinity_loss(
-        s, s.clone(), p=p, reduction="sum", projection=z
-    ).item() == pytest.approx(0.0, abs=1e-15)
+def test_student_equals_teacher_is_exactly_zero(device, dtype, shape, layouts, p, kind):
+    """Equal unit pixels give bitwise-equal affinities: loss and both gradients exactly 0."""
+    if kind != "fa" and layouts == "mixed":
+        pytest.skip("FFA's products follow the features' layout")
+    b, c, _, h, w = shape
+    x = randn((b, c, h, w), dtype=dtype, device=device, seed=sum(shape))
+    s = _with_layout(x, EQUAL_LAYOUTS[layouts][0]).requires_grad_()
+    t = _with_layout(x, EQUAL_LAYOUTS[layouts][1]).requires_grad_()
+    z = make_projection(kind, b, h * w, dtype=dtype, device=device)
+    up = randn(b, dtype=torch.float64, device=device, seed=2)
+    out, (gs, gt) = value_and_grads(lambda a, d: ours(kind, a, d, p=p, z=z), s, t, up)
+    assert torch.equal(out, torch.zeros_like(out)), out
+    assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_equal_on_half_the_pixels(device, dtype, p):
+    """Pairs of equal pixels give D_ij = 0 exactly (sign 0), as in the float64 oracle."""
+    b, c, h, w = 2, 4, 16, 20
+    s, t = make_pair(b, c, c, h, w, dtype=dtype, device=device, grad=(False, False))
+    same = torch.rand(h, w, generator=torch.Generator().manual_seed(3)) < 0.5
+    t[:, :, same.to(device)] = s[:, :, same.to(device)]
+    s.requires_grad_(), t.requires_grad_()
+    up = randn(b, dtype=torch.float64, device=device, seed=9)
+    out, (gs, gt) = value_and_grads(lambda a, d: ours("fa", a, d, p=p), s, t, up)
+    truth, (rs, rt) = oracle_value_and_grads("fa", s, t, p=p, upstream=up)
+    eager, (es, et) = oracle_value_and_grads("fa", s, t, p=p, upstream=up, dtype=dtype)
+    atol64 = gram_atol("fa", p, grad_scale=up.abs().max().item() / (h * w))
+    check_close(out, truth, dtype=dtype, eager=eager, atol64=gram_atol("fa", p))
+    check_close(gs, rs, dtype=dtype, eager=es, what="student grad", atol64=atol64)
+    check_close(gt, rt, dtype=dtype, eager=et, what="teacher grad", atol64=atol64)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fa_p2_never_negative(device, dtype):
+    """Student ~ teacher: the Gram identity cancels to rounding level but never goes below 0."""
+    for seed in range(8):
+        s = randn((4, 6, 9, 10), dtype=dtype, device=device, seed=seed)
+        noise = randn((4, 6, 9, 10), dtype=dtype, device=device, seed=seed + 100)
+        for rel in (0.0, 1e-12, 1e-9):
+            out = ffa.feature_affinity_loss(s, s + rel * noise, p=2, reduction="none")
+            assert (out >= 0).all(), (seed, rel, out)
+
+
+# Both exact p=2 forms (N x N when N < Cs + Ct, channel Gram matrices otherwise), around the switch
+# and across several 256-pixel tiles.
+P2_SHAPES = [
+    (2, 9, 7, 3, 5),
+    (2, 8, 8, 4, 4),
+    (2, 8, 9, 4, 4),
+    (1, 150, 140, 16, 17),
+    (1, 3, 2, 17, 19),
+]
+
+
+@pytest.mark.parametrize("shape", P2_SHAPES, ids=["x".join(map(str, s)) for s in P2_SHAPES])
+@pytest.mark.parametrize("dtype", FLOATS + HALVES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fa_p2_both_forms(device, dtype, shape):
+    b, cs, ct, h, w = shape
+    s, t = make_pair(b, cs, ct, h, w, dtype=dtype, device=device, seed=sum(shape))
+    up = randn(b, dtype=torch.float64, device=device, seed=1)
+    out, (gs, gt) = value_and_grads(lambda a, d: ours("fa", a, d, p=2), s, t, up)
+    truth, (rs, rt) = oracle_value_and_grads("fa", s, t, p=2, upstream=up)
+    eager, (es, et) = oracle_value_and_grads("fa", s, t, p=2, upstream=up, dtype=dtype)
+    atol64 = gram_atol("fa", 2, grad_scale=up.abs().max().item() / (h * w))
+    check_close(out, truth, dtype=dtype, eager=eager, atol64=gram_atol("fa", 2))
+    check_close(gs, rs, dtype=dtype, eager=es, what="student grad", atol64=atol64)
+    check_close(gt, rt, dtype=dtype, eager=et, what="teacher grad", atol64=atol64)
+
+
+# Input scales where squared pixel norms overflow or underflow the input dtype (float32 squares
+# overflow above ~1e19 and underflow below ~1e-19; float64 above ~1e154 and below ~1e-154). eps is
+# scaled with the input, so these are the unscaled losses.
+SCALES = [
+    *[(torch.float32, x) for x in (1e-30, 1e-20, 1e20, 1e30)],
+    *[(torch.bfloat16, x) for x in (1e-30, 1e30)],
+    *[(torch.float64, x) for x in (1e-300, 1e-200, 1e200, 1e300)],
+]
+SCALE_SHAPES = [(2, 5, 4, 6, 7), (1, 12, 10, 3, 5)]  # p=2: Gram form, N x N form
+
+
+def _check_grads_masked(actual, truth, *, dtype, mask, what, atol64=0.0):
+    """check_close on the pixels in `mask` (over [B, H, W]); +-inf must match where the truth
+    overflows the output dtype; never NaN."""
+    assert not torch.isnan(actual).any(), what
+    a = actual.detach().double().permute(0, 2, 3, 1)[mask]
+    t = truth.detach().double().permute(0, 2, 3, 1)[mask]
+    t_rounded = t.to(actual.dtype).double()
+    big = ~torch.isfinite(t_rounded)
+    assert torch.equal(a[big], t_rounded[big]), what
+    check_close(a[~big], t[~big], dtype=dtype, eager=t_rounded[~big], what=what, atol64=atol64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=["x".join(map(str, s)) for s in SCALE_SHAPES])
+@pytest.mark.parametrize("dtype,scale", SCALES, ids=[f"{d}-{x:g}" for d, x in SCALES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_input_scales(device, dtype, scale, shape, p, kind):
+    """Norms and unit pixels are scale-safe: value and gradients match the float64 oracle."""
+    b, cs, ct, h, w = shape
+    s, t = make_pair(b, cs, ct, h, w, dtype=torch.float64, device=device, grad=(False, False))
+    s, t = leaf(s * scale, dtype).requires_grad_(), leaf(t * scale, dtype).requires_grad_()
+    z = make_projection(kind, b, h * w, dtype=dtype, device=device)
+    eps = 1e-5 * scale
+    up = randn(b, dtype=torch.float64, device=device, seed=5)
+    out, (gs, gt) = value_and_grads(lambda a, d: ours(kind, a, d, p=p, z=z, eps=eps), s, t, up)
+    truth, (rs, rt) = oracle_value_and_grads(kind, s, t, p=p, z=z, upstream=up, eps=eps)
+    check_close(out, truth, dtype=dtype, atol64=gram_atol(kind, p))
+    atol64 = gram_atol(kind, p, grad_scale=up.abs().max().item() / (h * w * scale))
+    # no eager reference at these scales: the bound is 2x the error of rounding the truth itself
+    check_close(gs, rs, dtype=dtype, eager=rs.to(dtype), what="student grad", atol64=atol64)
+    check_close(gt, rt, dtype=dtype, eager=rt.to(dtype), what="teacher grad", atol64=atol64)
+    # and the same loss as the unscaled inputs
+    s1, t1 = (x.detach().double() / scale for x in (s, t))
+    unscaled = ref(kind, s1, t1, p=p, z=z, dtype=torch.float64)
+    check_close(out, unscaled, dtype=dtype, atol64=gram_atol(kind, p))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_pixel_scales_vary_within_a_sample(device, dtype, layout, p, kind):
+    """Pixel norms from 1e-20 to 1e20 in one sample (eps 1e-30), next to ordinary pixels: 720
+    pixels, so several tiles / blocks of pixels, some entirely ordinary, some not."""
+    b, cs, ct, h, w = 1, 6, 5, 24, 30
+    s0, t0 = make_pair(b, cs, ct, h, w, dtype=torch.float64, device=device, grad=(False, False))
+    g = torch.Generator().manual_seed(11)
+    exponent = torch.zeros(b, 1, h, w, dtype=torch.float64)
+    exponent[:, :, 18:] = 40 * torch.rand(b, 1, 6, w, generator=g, dtype=torch.float64) - 20
+    scale = (10.0**exponent).to(device)
+    s = leaf(s0 * scale, dtype).contiguous(memory_format=_FORMATS[layout]).requires_grad_()
+    t = leaf(t0 * scale, dtype).contiguous(memory_format=_FORMATS[layout]).requires_grad_()
+    z = make_projection(kind, b, h * w, dtype=dtype, device=device)
+    up = randn(b, dtype=torch.float64, device=device, seed=5)
+    eps = 1e-30
+    out, (gs, gt) = value_and_grads(lambda a, d: ours(kind, a, d, p=p, z=z, eps=eps), s, t, up)
+    truth, (rs, rt) = oracle_value_and_grads(kind, s, t, p=p, z=z, upstream=up, eps=eps)
+    check_close(out, truth, dtype=dtype, atol64=gram_atol(kind, p))
+    # gradients scale like 1 / (pixel scale): compare them scaled back to O(1)
+    atol64 = gram_atol(kind, p, grad_scale=up.abs().max().item() / (h * w))
+    for actual, want, what in ((gs, rs, "student grad"), (gt, rt, "teacher grad")):
+        a, r = actual.double() * scale, want * scale
+        check_close(a, r, dtype=dtype, eager=r.to(dtype), what=what, atol64=atol64)
+
+
+_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize(
+    "dtype,eps",
+    [
+        (torch.float32, 1e-40),
+        (torch.float32, 1e-45),
+        (torch.bfloat16, 1e-40),
+        (torch.float64, 5e-324),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_eps_with_dead_pixels(device, dtype, eps, p, kind):
+    """Any eps > 0: an all-zero pixel has u = 0 (never NaN); its gradient is g_u / eps."""
+    b, h, w = 2, 5, 6
+    s, t = make_pair(b, 3, 4, h, w, dtype=dtype, device=device, grad=(False, False))
+    DEAD["both_other_pixels"](s, t)
+    s[1, :, 3, 2] = 0
+    s.requires_grad_(), t.requires_grad_()
+    z = make_projection(kind, b, h * w, dtype=dtype, device=device)
+    up = randn(b, dtype=torch.float64, device=device, seed=4)
+    out, (gs, gt) = value_and_grads(lambda a, d: ours(kind, a, d, p=p, z=z, eps=eps), s, t, up)
+    truth, (rs, rt) = oracle_value_and_grads(kind, s, t, p=p, z=z, upstream=up, eps=eps)
+    assert torch.isfinite(out).all()
+    check_close(out, truth, dtype=dtype, atol64=gram_atol(kind, p))
+    atol64 = gram_atol(kind, p, grad_scale=up.abs().max().item() / (h * w))
+    for g, r, x, what in ((gs, rs, s, "student grad"), (gt, rt, t, "teacher grad")):
+        dead = (x.detach() == 0).all(dim=1)
+        assert dead.any()
+        for mask, where in ((~dead, " (live pixels)"), (dead, " (dead pixels)")):
+            _check_grads_masked(g, r, dtype=dtype, mask=mask, what=what + where, atol64=atol64)
 
 
 @pytest.mark.parametrize("kind", KINDS)

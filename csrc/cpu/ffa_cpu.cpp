@@ -1,23 +1,28 @@
 // Fast feature-affinity loss (FFA) on CPU.
 //
-// Per sample, with r_i = 1 / (||x_i|| + eps) and Z [N, k]:
-//   P_S = U_S Z = S (r_S . Z)                   [Cs, k]
-//   Y   = r_S . (S^T P_S) - r_T . (T^T P_T)     [N, k]   (= D Z, never N x N)
+// Per sample, with unit pixels U (u_i = x_i / (||x_i|| + eps), pixels.h) and Z [N, k]:
+//   P_S = U_S Z                   [Cs, k]
+//   Y   = U_S^T P_S - U_T^T P_T   [N, k]   (= D Z, never N x N)
 //   L   = sum_ik f(Y_ik) / (k N^2),  f = |.| (p=1) or square (p=2)
-// Backward, W = g f'(Y) / (k N^2):  dL/dU_S = P_S W^T + Q_S Z^T with Q_S = U_S W; the teacher's
+// Backward, W = g f'(Y) / (k N^2): dL/dU_S = P_S W^T + Q_S Z^T with Q_S = U_S W; the teacher's
 // with a minus sign; then chained through the normalization.
-// Tiling: pixel blocks of kBlock. Forward = two passes over each feature map (norms + P; then Y and
-// the reduction), backward = two passes (norms + Q; then dL/dU and the chain rule), each pass
+// Tiling: pixel blocks of kBlock. Forward = two passes over each feature map (norms and P; then Y
+// and the reduction), backward = two passes (norms and Q; then dL/dU and the chain rule), each pass
 // reading a block once while it is hot in cache. GEMMs read the features in place (NCHW or
-// channels_last). FLOPs: 4 N C k per map forward and backward; the floor is memory: 2 reads of S
-// and T forward, 2 reads + 1 write backward. Y [B, N, k] is the one O(N k) intermediate (kept for
-// the backward). Partial P/Q per block are summed in block order: deterministic for any thread
-// count.
+// channels_last) with r_i = 1 / (||x_i|| + eps) (float64 norms, pixels.h) folded into the k-wide
+// operand (r . Z, r . W) or applied to the output rows (Y); a block where some r_i lies outside
+// 2^+-40 (extreme input scales, a tiny eps) forms its unit pixels instead (|u| <= 1), so any input
+// scale is safe. The student's and the teacher's products have identical shapes and alike
+// buffers, so equal inputs give Y = 0 exactly. FLOPs: 4 N C k per map forward and backward; the
+// floor is memory: 2 reads of S and T forward, 2 reads + 1 write backward. Y [B, N, k] is the one
+// O(N k) intermediate (kept for the backward). Partial P/Q per block are summed in block order:
+// deterministic for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "common.h"
@@ -28,18 +33,14 @@
 namespace ffa::cpu {
 namespace {
 
-// One sample's features as a GEMM operand: element (c, i) at ptr[c * cs + i * ps], ps == 1 or cs
-// == 1. As a row-major [C x N] matrix that is (ptr, ld) untransposed when ps == 1 (NCHW),
-// transposed when cs == 1 (channels_last).
+// One sample's features: element (c, i) at ptr[c * cs + i * ps], ps == 1 or cs == 1.
 template <typename T>
 struct Features {
   const T* ptr;
   PixelView v;
-  bool pixel_fast() const { return v.ps == 1; }
-  int64_t ld() const { return pixel_fast() ? v.cs : v.ps; }
 };
 
-// Features as GEMM operands: features must have unit stride along pixels or along channels.
+// Features with unit stride along pixels or along channels (halves computed in float32).
 at::Tensor gemm_ready(const at::Tensor& x) {
   auto x3 = as_pixels(x);
   if (x3.scalar_type() != at::kDouble && x3.scalar_type() != at::kFloat) x3 = x3.to(at::kFloat);
@@ -66,68 +67,117 @@ void for_each_block(int64_t N, const F& f) {
                  [&](int64_t blk) { f(blk * kBlock, std::min(N, (blk + 1) * kBlock), blk); });
 }
 
-// part [C x k] = X_blk diag(1 / (norm + eps)) A_blk over pixels [i0, i1) (norms computed here).
-template <typename T>
-void project_block(const Features<T>& x, int64_t i0, int64_t i1, const T* a, int64_t k, T eps,
-                   T* norm, T* scaled, T* part) {
-  unit_pixels_range<T, T>(x.ptr, x.v, i0, i1, eps, T(1), nullptr, 0, norm);
+// Whether a block's GEMMs may run on the features themselves, with r_i = 1 / (||x_i|| + eps) folded
+// into the other operand (the fast path: no unit pixels formed): every pixel unscaled with r_i
+// within 2^+-40 (so ||x_i|| < 2^40), which keeps r z, x P and their sums far inside the range of
+// the compute dtype. Otherwise (extreme input scales, tiny eps) the block's unit pixels are formed.
+bool foldable(const PixelNorm* norms, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
-    const T r = T(1) / (norm[i] + eps);
-    for (int64_t j = 0; j < k; ++j) scaled[(i - i0) * k + j] = a[(i - i0) * k + j] * r;
+    const double r = norms[i].scale * norms[i].rs;
+    if (!(norms[i].scale == 1 && r >= 0x1p-40 && r <= 0x1p40)) return false;
   }
-  gemm(!x.pixel_fast(), false, x.v.C, k, i1 - i0, T(1), x.ptr + i0 * x.v.ps, x.ld(), scaled, k,
-       T(0), part, k);
+  return true;
 }
 
-// out [C x k] = sum of the per-block parts, in block order (deterministic for any thread count).
+// The unit pixels [i0, i1) of one map as a GEMM operand U_b [C x nb] (column i: u_{i0+i}): either
+// the features with the factors r (folded), or the unit pixels formed in a buffer, stored like the
+// features (row-major [C x nb] when their pixels are contiguous, else as its transpose [nb x C]).
 template <typename T>
-void sum_parts(const std::vector<T>& parts, int64_t n, T* out) {
+struct UnitBlock {
+  int64_t C, nb = 0, ld = 0;
+  bool transposed = false, folded = false;
+  const T* a = nullptr;
+  std::vector<T> r;
+  std::optional<AlignedBuffer<T>> u;
+
+  explicit UnitBlock(int64_t C) : C(C) {}
+
+  void load(const Features<T>& x, int64_t i0, int64_t i1, const PixelNorm* norms) {
+    nb = i1 - i0;
+    transposed = x.v.ps != 1;
+    folded = foldable(norms, i0, i1);
+    if (folded) {
+      a = x.ptr + i0 * x.v.ps;
+      ld = transposed ? x.v.ps : x.v.cs;
+      r.resize(nb);
+      for (int64_t i = 0; i < nb; ++i) r[i] = static_cast<T>(norms[i0 + i].rs);
+      return;
+    }
+    if (!u) u.emplace(C * kBlock);
+    a = u->data();
+    ld = transposed ? C : nb;
+    write_unit_pixels_range(x.ptr, x.v, i0, i1, norms, u->data(), transposed ? C : int64_t(1),
+                            transposed ? int64_t(1) : nb);
+  }
+  // out [C x k] = U_b m, m [nb x k] (folded: X_b (r . m), with `scaled` [nb x k] as scratch).
+  void times(const T* m, int64_t k, T* scaled, T* out) const {
+    if (folded) {
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t j = 0; j < k; ++j) scaled[i * k + j] = m[i * k + j] * r[i];
+      m = scaled;
+    }
+    gemm(transposed, false, C, k, nb, T(1), a, ld, m, k, T(0), out, k);
+  }
+  // out [nb x k] = U_b^T p, p [C x k] (folded: r . (X_b^T p)).
+  void transposed_times(const T* p, int64_t k, T* out) const {
+    gemm(!transposed, false, nb, k, C, T(1), a, ld, p, k, T(0), out, k);
+    if (folded)
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t j = 0; j < k; ++j) out[i * k + j] *= r[i];
+  }
+};
+
+// out [n] = the sum of the per-block parts (each n long), in block order (deterministic for any
+// thread count).
+template <typename T>
+void sum_parts(const T* parts, int64_t nparts, int64_t n, T* out) {
   std::fill(out, out + n, T(0));
-  for (size_t off = 0; off < parts.size(); off += n)
-    for (int64_t e = 0; e < n; ++e) out[e] += parts[off + e];
+  for (int64_t q = 0; q < nparts; ++q)
+    for (int64_t e = 0; e < n; ++e) out[e] += parts[q * n + e];
 }
 
 template <typename T>
 void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tensor& z3, int64_t p,
-                      double eps_d, at::Tensor& loss, at::Tensor& y, at::Tensor& ps,
-                      at::Tensor& pt) {
+                      double eps, at::Tensor& loss, at::Tensor& y, at::Tensor& ps, at::Tensor& pt) {
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
   const int64_t nblk = at::divup(N, kBlock);
-  const T eps = T(eps_d);
   for_each_sample(B, [&](int64_t b) {
-    std::vector<T> ns(N), nt(N), part_s(nblk * Cs * k), part_t(nblk * Ct * k);
+    std::vector<PixelNorm> ns(N), nt(N);
+    AlignedBuffer<T> part_s(nblk * Cs * k), part_t(nblk * Ct * k);
     std::vector<double> blk_sum(nblk);
     const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
     const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
     T* Y = y.data_ptr<T>() + b * N * k;
     T* Ps = ps.data_ptr<T>() + b * Cs * k;
     T* Pt = pt.data_ptr<T>() + b * Ct * k;
-    // Pass 1: norms and P = U Z, one read of each feature map.
+    // Pass 1: norms, unit pixels and P = U Z, one read of each feature map.
     for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
+      UnitBlock<T> us(Cs), ut(Ct);
       std::vector<T> scaled((i1 - i0) * k);
-      project_block(S, i0, i1, z + i0 * k, k, eps, ns.data(), scaled.data(),
-                    part_s.data() + blk * Cs * k);
-      project_block(Tt, i0, i1, z + i0 * k, k, eps, nt.data(), scaled.data(),
-                    part_t.data() + blk * Ct * k);
+      pixel_norms_range(S.ptr, S.v, i0, i1, eps, ns.data());
+      us.load(S, i0, i1, ns.data());
+      us.times(z + i0 * k, k, scaled.data(), part_s.data() + blk * Cs * k);
+      pixel_norms_range(Tt.ptr, Tt.v, i0, i1, eps, nt.data());
+      ut.load(Tt, i0, i1, nt.data());
+      ut.times(z + i0 * k, k, scaled.data(), part_t.data() + blk * Ct * k);
     });
-    sum_parts(part_s, Cs * k, Ps);
-    sum_parts(part_t, Ct * k, Pt);
-    // Pass 2: Y = r_S . (S^T P_S) - r_T . (T^T P_T) and sum f(Y), a second read of each map.
+    sum_parts(part_s.data(), nblk, Cs * k, Ps);
+    sum_parts(part_t.data(), nblk, Ct * k, Pt);
+    // Pass 2: Y = U_S^T P_S - U_T^T P_T and sum f(Y), a second read of each map.
     for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
       const int64_t nb = i1 - i0;
-      std::vector<T> yt(nb * k);
+      UnitBlock<T> us(Cs), ut(Ct);
+      AlignedBuffer<T> ys(nb * k), yt(nb * k);
+      us.load(S, i0, i1, ns.data());
+      us.transposed_times(Ps, k, ys.data());
+      ut.load(Tt, i0, i1, nt.data());
+      ut.transposed_times(Pt, k, yt.data());
       T* Yb = Y + i0 * k;
-      gemm(S.pixel_fast(), false, nb, k, Cs, T(1), S.ptr + i0 * S.v.ps, S.ld(), Ps, k, T(0), Yb, k);
-      gemm(Tt.pixel_fast(), false, nb, k, Ct, T(1), Tt.ptr + i0 * Tt.v.ps, Tt.ld(), Pt, k, T(0),
-           yt.data(), k);
       T acc = 0;
-      for (int64_t i = 0; i < nb; ++i) {
-        const T rs = T(1) / (ns[i0 + i] + eps), rt = T(1) / (nt[i0 + i] + eps);
-        for (int64_t j = 0; j < k; ++j) {
-          const T v = rs * Yb[i * k + j] - rt * yt[i * k + j];
-          Yb[i * k + j] = v;
-          acc += p == 1 ? std::abs(v) : v * v;
-        }
+      for (int64_t e = 0; e < nb * k; ++e) {
+        const T v = ys.data()[e] - yt.data()[e];
+        Yb[e] = v;
+        acc += p == 1 ? std::abs(v) : v * v;
       }
       blk_sum[blk] = acc;
     });
@@ -147,11 +197,10 @@ void dl_dy(const T* Y, int64_t n, int64_t p, T scale, T* W) {
 template <typename T>
 void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::Tensor& t3,
                        const at::Tensor& z3, const at::Tensor& y, const at::Tensor& ps,
-                       const at::Tensor& pt, int64_t p, double eps_d, at::Tensor& gs,
+                       const at::Tensor& pt, int64_t p, double eps, at::Tensor& gs,
                        at::Tensor& gt) {
   const int64_t B = s3.size(0), N = s3.size(2), k = z3.size(2);
   const int64_t nblk = at::divup(N, kBlock);
-  const T eps = T(eps_d);
   const auto g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
   // The features needing a gradient: (features, P, sign, grad output).
@@ -172,25 +221,27 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
       const auto X = sample<T>(*side.x3, b);
       const int64_t C = X.v.C;
       const T* P = side.P->template const_data_ptr<T>() + b * C * k;
-      std::vector<T> norm(N), parts(nblk * C * k), Q(C * k);
-      // Pass 1: norms and Q = U W (dL/dU = P W^T + Q Z^T needs all of Q first).
+      std::vector<PixelNorm> norms(N);
+      std::vector<T> parts(nblk * C * k), Q(C * k);
+      // Pass 1: norms, unit pixels and Q = U W (dL/dU = P W^T + Q Z^T needs all of Q first).
       for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
         std::vector<T> W((i1 - i0) * k), scaled((i1 - i0) * k);
+        UnitBlock<T> ub(C);
         dl_dy(Y + i0 * k, (i1 - i0) * k, p, scale, W.data());
-        project_block(X, i0, i1, W.data(), k, eps, norm.data(), scaled.data(),
-                      parts.data() + blk * C * k);
+        pixel_norms_range(X.ptr, X.v, i0, i1, eps, norms.data());
+        ub.load(X, i0, i1, norms.data());
+        ub.times(W.data(), k, scaled.data(), parts.data() + blk * C * k);
       });
-      sum_parts(parts, C * k, Q.data());
-      // Pass 2: G = sign (W P^T + Z Q^T) per block, chained through the normalization.
+      sum_parts(parts.data(), nblk, C * k, Q.data());
+      // Pass 2: G^T = sign (P W^T + Q Z^T) [C x nb] per block, chained through the normalization.
       T* out = side.grad->template data_ptr<T>() + b * C * N;
       for_each_block(N, [&](int64_t i0, int64_t i1, int64_t) {
         const int64_t nb = i1 - i0;
-        std::vector<T> W(nb * k), G(nb * C);
+        std::vector<T> W(nb * k), G(C * nb);
         dl_dy(Y + i0 * k, nb * k, p, scale, W.data());
-        gemm(false, true, nb, C, k, side.sign, W.data(), k, P, k, T(0), G.data(), C);
-        gemm(false, true, nb, C, k, side.sign, z + i0 * k, k, Q.data(), k, T(1), G.data(), C);
-        unit_pixels_backward_range<T, T>(X.ptr, X.v, i0, i1, norm.data(), eps, G.data(), C, T(1),
-                                         out);
+        gemm(false, true, C, nb, k, side.sign, P, k, W.data(), k, T(0), G.data(), nb);
+        gemm(false, true, C, nb, k, side.sign, Q.data(), k, z + i0 * k, k, T(1), G.data(), nb);
+        unit_pixels_backward_range(X.ptr, X.v, i0, i1, norms.data(), G.data(), int64_t(1), nb, out);
       });
     }
   });
