@@ -1,6 +1,6 @@
 """Parallel paths and determinism: sizes large enough for every at::parallel_for to split.
 
-N = 48*40 = 1920 pixels: 15 tiles of 128 for exact p=1 (8 folds, one backward part per thread),
+N = 48*40 = 1920 pixels: 8 tiles of 256 for exact p=1 (4 folds, two backward parts per thread),
 several 256-pixel normalization blocks, and two 1024-pixel FFA reduction chunks. Run with 2 threads
 (the tiny-case modules run with 1).
 """
