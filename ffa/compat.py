@@ -23,7 +23,20 @@ Deliberate differences from the released code:
 - ``order=2`` (both losses) keeps the released square root of the batch sum. Where that sum is
   exactly 0 (student affinity equal to the teacher's) the value and the gradient are 0, as the
   released ``fa_loss``'s ``.norm()`` gives; the released ``fast_fa_loss``'s bare ``torch.sqrt``
-  gives a NaN gradient there.
+  gives a NaN gradient there. ffa's own ``p=2`` is different: the mean of squares, no root.
+
+Reproducing released runs (the README's "Reproducing the released code" has the details):
+
+- The released Z: on the CPU, ``fast_fa_loss(..., generator=torch.Generator().manual_seed(1))``
+  (a fresh generator per call, as the released ``torch.manual_seed(1)``) draws the released Z bit
+  for bit for float32 features; on CUDA ffa draws Z in its kernels, so pass the released Z as
+  ``projection=torch.randn(h * w, dim, generator=torch.Generator().manual_seed(1)).cuda()``.
+- The released ``QuantReLU`` runs every backward with the settings of the last forward's
+  ``QuantReLU`` (class attributes), so released runs may not learn their steps at all:
+  ``ffa.quant.QuantReLU(bits, learn_alpha=False)`` reproduces such runs.
+- The quantizer scales are summed in float64 here, in float32 there: they can differ by 1 ulp,
+  enough to change a w4a4 trajectory. Released float32 FA values differ from ffa's by ~1e-3
+  relative at 32x32 (B=8, C=64): ffa's are the accurate ones (float64 accumulation).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ with :math:`a = |w|`, means and maxima over the tensor (or over each output chan
   ties land on the same side.
 
 float16/bfloat16 inputs are computed in float32 and rounded back; float32 and float64 in their own
-dtype (sums accumulate in float64). An all-zero tensor (or channel) gives zeros, never NaN. A NaN
-weight makes the statistics of its tensor (per channel: its channel) NaN, and so every output there,
-at every width and on every device (``ffa.reference.quantize_weight`` states the same rule).
+dtype (sums accumulate in float64, so a scale can differ by 1 ulp from the released float32 sums:
+enough to change a w4a4 trajectory, not the method). An all-zero tensor (or channel) gives zeros,
+never NaN. A NaN weight makes the statistics of its tensor (per channel: its channel) NaN, and so
+every output there, at every width and on every device (``ffa.reference.quantize_weight`` states
+the same rule).
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ class QuantReLU(nn.Module):
         alpha: initial step; defaults to the released code's 1.2221, 0.6511, 0.1946 for 1, 2, 4
             bits and is required otherwise. Must be positive.
         learn_alpha: ``alpha`` is a parameter trained with the ``alpha_grad`` rule (default), or a
-            fixed buffer.
+            fixed buffer. ``False`` reproduces the released training runs: the released
+            ``QuantReLUFunction`` keeps its settings in class attributes, so every backward runs
+            with the last forward's ``QuantReLU`` settings and the steps may never learn.
         ste: "inplt" (default), "idnty" or "relu": where the input gradient passes.
         alpha_grad: "mean" (default), "ae", "pact" or "min".
         rate: the step gradient's factor (0.01 in the released code).
