@@ -39,7 +39,8 @@ TORCH_LIBRARY(ffa, m) {
   m.def("philox_probes(Tensor like, int k, int seed, int offset) -> Tensor");
   // ---- low-bit fake quantization (ffa.quant) ---------------------------------------------
   // The paper's weight quantizers (bits 1, 2, 4; 3, 5-8 generalized), one scale per tensor or per
-  // output channel (dim 0). The gradient is straight-through (identity), so there is no backward op.
+  // output channel (dim 0). The gradient is straight-through (identity), so there is no backward
+  // op.
   m.def("quantize_weight(Tensor weight, int bits, bool per_channel) -> Tensor");
   // Quantized ReLU with step alpha (1 element, clamped to [1e-3, 5] inside the kernel). ste,
   // alpha_grad and rate only shape the backward; they are here so autograd can see them.

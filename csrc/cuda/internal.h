@@ -1,4 +1,5 @@
-// Launchers shared between the CUDA kernel files (defined in fa_kernels.cu, used by ffa_kernels.cu).
+// Launchers shared between the CUDA kernel files (defined in fa_kernels.cu, used by
+// ffa_kernels.cu).
 #pragma once
 #include "cuda/launch.h"
 

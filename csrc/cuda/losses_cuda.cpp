@@ -27,11 +27,17 @@ void check_cuda(cudaError_t err, const char* what) {
 
 Dtype to_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    default: TORCH_CHECK(false, "ffa: CUDA losses support float16, bfloat16, float32 and float64, got ", t);
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kDouble:
+      return Dtype::kDouble;
+    default:
+      TORCH_CHECK(false, "ffa: CUDA losses support float16, bfloat16, float32 and float64, got ",
+                  t);
   }
 }
 
@@ -74,7 +80,8 @@ int smem_optin(int device) {
 }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                   like.options().dtype(at::kByte));
 }
 
 void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
