@@ -1229,7 +1229,7 @@ def run_suite(cfg: Config, name: str) -> int:
         results.append({**asdict(t), "ratio": ratio, "verdict": verdict})
     write_json(runner.out / f"{name}.json", cfg, runner, {"suite": name, "targets": results})
     written = [f"{name}.csv", f"{name}.json"]
-    _print_report(runner, cfg, lines, written, show_shape=True, title=f"{name} targets")
+    _print_report(runner, cfg, lines, written, show_shape=True, title="targets")
     return 0
 
 
