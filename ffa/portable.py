@@ -18,15 +18,16 @@ __all__ = ["unit_pixels", "fa_loss", "ffa_loss"]
 def unit_pixels(x: torch.Tensor, eps: float) -> torch.Tensor:
     """[B,C,H,W] -> U [B,C,N] in the compute dtype: x_i / (||x_i|| + eps), scale-safe.
 
-    The pixel is divided by its largest magnitude m first (x/(||x||+eps) = (x/m)/(||x/m|| + eps/m)),
-    so no square overflows or underflows at any input scale. m is a constant to autograd (the
-    value does not depend on it). An all-zero pixel gives 0.
+    Evaluated as (x_i / m_i) / (||x_i / m_i|| + eps / m_i) with m_i = max(max_c |x_i|, eps), a
+    constant to autograd (the value does not depend on it): no square overflows or underflows at
+    any input scale, and an all-zero pixel gives 0.
     """
     u = x.flatten(2).to(compute_dtype(x.dtype))
-    m = u.detach().abs().amax(dim=1, keepdim=True)
-    m = torch.where(m > 0, m, torch.ones_like(m))
+    m = u.detach().abs().amax(dim=1, keepdim=True).clamp_min(eps)
+    m = torch.where(m > 0, m, torch.ones_like(m))  # an eps below the dtype's range rounds to 0
     u = u / m
-    return u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + eps / m)
+    # a tensor numerator: `eps / m` would be evaluated as eps * (1 / m), which overflows
+    return u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + m.new_tensor(eps) / m)
 
 
 def _gram_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

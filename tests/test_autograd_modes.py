@@ -441,3 +441,21 @@ def test_quant_forward_over_reverse():
         assert h.abs().max() > 0
         if theirs is not None:
             torch.testing.assert_close(h, torch.autograd.functional.hessian(theirs, x))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, 1e20), (torch.float32, 1e-30), (F64, 1e-200), (F64, 1e200)]
+)
+def test_portable_is_scale_safe(dtype, scale):
+    """The torch-op losses (the double backward's) hold at any input magnitude, like the kernels."""
+    s, t = _pair("cpu")
+    z = _projection(s)
+    for p in (1, 2):
+        got = portable.ffa_loss(
+            (s * scale).to(dtype), (t * scale).to(dtype), z[None].to(dtype), p, EPS
+        )
+        want = reference.ffa_loss(s, t, z, p=p, reduction="none", eps=EPS / scale)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
+    got = portable.fa_loss((s * scale).to(dtype), (t * scale).to(dtype), 2, EPS)
+    want = reference.fa_loss(s, t, p=2, reduction="none", eps=EPS / scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
