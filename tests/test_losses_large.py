@@ -144,15 +144,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
 
-def test_fa_p2_few_pixels_many_channels_memory():
+def test_fa_p2_few_pixels_many_channels_memory(tmp_path):
     """N < Cs + Ct: exact FA p=2 takes the N x N form (O(N C) memory), not the (Cs + Ct)^2 Gram
     matrices (512 MiB in float64 at Cs = Ct = 4096). Measured in a fresh process, whose peak RSS
-    the rest of the test session cannot have raised already."""
+    the rest of the test session cannot have raised already; it runs outside the repository, whose
+    unbuilt ffa/ would otherwise shadow the installed one."""
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_FEW_PIXELS_MANY_CHANNELS)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
     )
     grew_mib = float(run.stdout.strip().splitlines()[-1])
     assert grew_mib < 64, f"peak RSS grew by {grew_mib:.0f} MiB"
