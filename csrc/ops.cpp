@@ -1,10 +1,13 @@
 // The whole native surface of ffa: every op of the `ffa` namespace is declared here, once.
-// Backends only implement (cpu/*.cpp via TORCH_LIBRARY_IMPL(ffa, CPU, m), cuda/*.cpp for CUDA).
-// Fake (meta) kernels and autograd are registered in Python (ffa/_ops.py).
+// Backends only implement (cpu/*.cpp via STABLE_TORCH_LIBRARY_IMPL(ffa, CPU, m) in module ffa._C,
+// cuda/*.cpp for CUDA in module ffa._C_cuda). Fake (meta) kernels and autograd are registered in
+// Python (ffa/_ops.py). Everything speaks the LibTorch stable ABI and the Python limited API, so
+// one build serves every torch from 2.10 on (see CMakeLists.txt).
 #include <Python.h>
-#include <torch/library.h>
 
-TORCH_LIBRARY(ffa, m) {
+#include "stable.h"
+
+STABLE_TORCH_LIBRARY(ffa, m) {
   // ---- feature-affinity losses (per-sample values, shape [B]) -----------------------------
   // Exact FA: mean_ij |D_ij| (p=1) or mean_ij D_ij^2 (p=2), D = U_S^T U_S - U_T^T U_T.
   // student [B,Cs,H,W] and teacher [B,Ct,H,W] share H, W (resizing is done in Python).
@@ -61,6 +64,7 @@ TORCH_LIBRARY(ffa, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-// A tiny Python module: importing ffa._C runs the static registrations above. No pybind11.
+// A tiny Python module (limited API): importing ffa._C runs the static registrations above.
+// No pybind11.
 static PyModuleDef ffa_module = {PyModuleDef_HEAD_INIT, "_C", "ffa native ops", -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ffa_module); }

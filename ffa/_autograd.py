@@ -18,6 +18,9 @@ support raises (:func:`no_jvp`, :func:`no_double_backward`); it never returns ze
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
@@ -32,6 +35,28 @@ def _needs_autograd(args) -> bool:
     return (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or (
         fwAD._current_level >= 0
     )
+
+
+# The native kernels (LibTorch stable ABI) can only raise RuntimeError; the checks that mean a
+# ValueError / TypeError tag their message (csrc/stable.h, FFA_CHECK_VALUE / FFA_CHECK_TYPE).
+_TAGGED = re.compile(r"\[ffa:(ValueError|TypeError)\] (.*)", re.DOTALL)
+_ERROR_TYPES = {"ValueError": ValueError, "TypeError": TypeError}
+
+
+def _native_error_types(kernel):
+    """Re-raises the native kernels' tagged RuntimeErrors as the ValueError / TypeError they mean."""
+
+    @functools.wraps(kernel)
+    def wrapper(*args):
+        try:
+            return kernel(*args)
+        except RuntimeError as e:
+            m = _TAGGED.search(str(e))
+            if m is None:
+                raise
+            raise _ERROR_TYPES[m.group(1)](m.group(2)) from None
+
+    return wrapper
 
 
 def registers_autograd(op: str):
@@ -87,7 +112,7 @@ def registers_autograd(op: str):
                     return apply(*args)
             return apply(*args)
 
-        _lib.impl(op, autograd_kernel, "Autograd")
+        _lib.impl(op, _native_error_types(autograd_kernel), "Autograd")
         return function
 
     return decorate

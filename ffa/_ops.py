@@ -27,12 +27,48 @@ def _load_error(package: pathlib.Path) -> str:
     )
 
 
+# The native modules use the LibTorch stable ABI at the API level of torch 2.10: one build serves
+# every torch from there on, and no older one (its C shim lacks functions they call).
+MIN_TORCH = (2, 10)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+if _torch_version() < MIN_TORCH:
+    raise ImportError(
+        f"ffa needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (its native kernels use the LibTorch "
+        f"stable ABI of torch {MIN_TORCH[0]}.{MIN_TORCH[1]}), found torch {torch.__version__}. "
+        f"Upgrade torch: pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'"
+    )
+
 try:
-    from . import _C  # noqa: F401  (importing it runs TORCH_LIBRARY(ffa, ...))
+    from . import _C  # noqa: F401  (importing it runs STABLE_TORCH_LIBRARY(ffa, ...))
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(_load_error(pathlib.Path(__file__).resolve().parent)) from e
 
+
+def _load_cuda() -> bool:
+    """Imports ffa._C_cuda (the CUDA impls of _C's ops) when this torch has CUDA and it was built."""
+    if torch.version.cuda is None:
+        return False
+    try:
+        from . import _C_cuda  # noqa: F401  (runs STABLE_TORCH_LIBRARY_IMPL(ffa, CUDA, ...))
+    except ModuleNotFoundError:
+        return False  # a build without CUDA kernels (FFA_CUDA=OFF, or no nvcc at build time)
+    return True
+
+
+HAS_CUDA_KERNELS = _load_cuda()
+
 ops = torch.ops.ffa
+
+# philox_probes' Z is a constant of the estimator: autograd falls through to the backend kernel
+# (the stable ABI has no C++ fallthrough registration).
+_autograd_lib = torch.library.Library("ffa", "IMPL")
+_autograd_lib.impl("philox_probes", torch.library.fallthrough_kernel, "Autograd")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,13 +6,13 @@
 // Fast path: the Fortran BLAS symbols sgemm_/dgemm_ that torch's MKL build exports, bound weakly so
 // the extension still loads against a torch without them. Tiled kernels issue thousands of small
 // GEMMs; calling BLAS directly skips ~5-10 us of dispatcher and tensor-construction overhead per
-// call. Fallback: ATen's addmm on borrowed buffers (whatever BLAS torch was built with). Inside an
-// at::parallel_for region either path runs single-threaded; outside it uses torch's threads.
+// call. Fallback (a torch whose BLAS is not MKL): torch's matmul on borrowed buffers through the
+// stable ABI, then C = alpha * AB + beta * C here. Inside a parallel region either path runs
+// single-threaded; outside it uses torch's threads.
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/Context.h>
-
 #include <limits>
+
+#include "stable.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -21,6 +21,8 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+// Present only when torch links MKL (the stable ABI has no at::hasMKL()).
+int mkl_get_max_threads() __attribute__((weak));
 }
 
 namespace ffa::cpu {
@@ -33,7 +35,7 @@ inline bool fits_int(std::initializer_list<int64_t> v) {
 }
 // Only trust the exported symbols when they come from torch's MKL (LP64 Fortran ABI).
 inline bool use_fortran_blas() {
-  static const bool ok = at::hasMKL() && sgemm_ != nullptr && dgemm_ != nullptr;
+  static const bool ok = mkl_get_max_threads != nullptr && sgemm_ != nullptr && dgemm_ != nullptr;
   return ok;
 }
 }  // namespace detail
@@ -47,8 +49,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
     const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     const int M = int(n), N = int(m), K = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
     if (k == 0) {  // BLAS would leave C untouched; we want beta * C (0 when beta == 0)
-      auto c = at::from_blob(C, {m, n}, {ldc, 1}, c10::CppTypeToScalarType<T>::value);
-      beta == T(0) ? c.zero_() : c.mul_(beta);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
       return;
     }
     if constexpr (std::is_same_v<T, float>)
@@ -57,13 +60,21 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
       dgemm_(&tra, &trb, &M, &N, &K, &alpha, B, &la, A, &lb, &beta, C, &lc);
     return;
   }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = at::from_blob(const_cast<T*>(A), {m, k},
-                         ta ? at::IntArrayRef({1, lda}) : at::IntArrayRef({lda, 1}), opts);
-  auto b = at::from_blob(const_cast<T*>(B), {k, n},
-                         tb ? at::IntArrayRef({1, ldb}) : at::IntArrayRef({ldb, 1}), opts);
-  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  c.addmm_(a, b, beta, alpha);
+  const Device cpu(DeviceType::CPU);
+  const ScalarType dt = scalar_type_of<T>();
+  const int64_t a_st[2] = {ta ? 1 : lda, ta ? lda : 1}, b_st[2] = {tb ? 1 : ldb, tb ? ldb : 1};
+  const int64_t a_sz[2] = {m, k}, b_sz[2] = {k, n};
+  const Tensor a = torch::stable::from_blob(const_cast<T*>(A), IntArrayRef(a_sz, 2),
+                                            IntArrayRef(a_st, 2), cpu, dt);
+  const Tensor b = torch::stable::from_blob(const_cast<T*>(B), IntArrayRef(b_sz, 2),
+                                            IntArrayRef(b_st, 2), cpu, dt);
+  const Tensor ab = torch::stable::contiguous(torch::stable::matmul(a, b));
+  const T* p = ab.const_data_ptr<T>();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      T& c = C[i * ldc + j];
+      c = alpha * p[i * n + j] + (beta == T(0) ? T(0) : beta * c);
+    }
 }
 
 }  // namespace ffa::cpu

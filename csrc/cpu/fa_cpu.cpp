@@ -25,11 +25,6 @@
 //   s == t).
 // The tiled form costs ~N^2 (Cs+Ct), the Gram form ~N (Cs+Ct)^2 (forward and backward, within a
 // factor ~1.5): p=2 takes the tiled form when N < Cs + Ct.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -112,13 +107,13 @@ void for_each_fold_tile(int64_t q, int64_t T, const F& f) {
 }
 
 template <int P, typename scalar_t>
-void fa_tiled_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+void fa_tiled_forward(const Tensor& s3, const Tensor& t3, double eps, Tensor& out) {
+  using acc_t = opmath_t<scalar_t>;
   const int64_t B = s3.size(0), N = s3.size(2);
   const PixelView vs{s3.size(1), N, s3.stride(1), s3.stride(2)};
   const PixelView vt{t3.size(1), N, t3.stride(1), t3.stride(2)};
   const int64_t T = (N + kTile - 1) / kTile, folds = (T + 1) / 2;
-  auto* out_p = out.data_ptr<acc_t>();
+  auto* out_p = out.mutable_data_ptr<acc_t>();
   for_each_sample(B, [&](int64_t b) {
     const Units<acc_t> u(s3.const_data_ptr<scalar_t>() + b * s3.stride(0), vs,
                          t3.const_data_ptr<scalar_t>() + b * t3.stride(0), vt, eps, false);
@@ -144,9 +139,9 @@ void fa_tiled_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at
 }
 
 template <int P, typename scalar_t>
-void fa_tiled_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tensor& t3,
-                       double eps, at::Tensor& gs, at::Tensor& gt) {
-  using acc_t = at::opmath_type<scalar_t>;
+void fa_tiled_backward(const Tensor& grad, const Tensor& s3, const Tensor& t3, double eps,
+                       Tensor& gs, Tensor& gt) {
+  using acc_t = opmath_t<scalar_t>;
   const bool need_s = gs.defined(), need_t = gt.defined();
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1);
   const PixelView vs{Cs, N, s3.stride(1), s3.stride(2)};
@@ -154,7 +149,7 @@ void fa_tiled_backward(const at::Tensor& grad, const at::Tensor& s3, const at::T
   const int64_t T = (N + kTile - 1) / kTile, folds = (T + 1) / 2;
   // Gradient buffer columns: [student channels | teacher channels], only the sides needed.
   const int64_t ct0 = need_s ? Cs : 0, Kg = ct0 + (need_t ? Ct : 0);
-  const auto g = grad.to(at::kDouble).contiguous();
+  const auto g = torch::stable::contiguous(to_dtype(grad, ScalarType::Double));
   const double* gp = g.const_data_ptr<double>();
   for_each_sample(B, [&](int64_t b) {
     // Folds are split into fixed groups, each accumulating into its own buffer; groups are handed
@@ -162,7 +157,7 @@ void fa_tiled_backward(const at::Tensor& grad, const at::Tensor& s3, const at::T
     // Each tile's GEMM (bj terms) runs in acc_t; the sum over tiles (N / kTile of them) is kept in
     // float64, so float32 gradients stay accurate at large N.
     const int64_t parts =
-        at::in_parallel_region() ? 1 : std::min<int64_t>(folds, 2 * at::get_num_threads());
+        in_parallel_region() ? 1 : std::min<int64_t>(folds, 2 * get_num_threads());
     std::vector<double> gbuf(parts * N * Kg, 0.0);
     const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
     const scalar_t* tp = t3.const_data_ptr<scalar_t>() + b * t3.stride(0);
@@ -176,7 +171,7 @@ void fa_tiled_backward(const at::Tensor& grad, const at::Tensor& s3, const at::T
     if (need_s && need_t) {
       joint.emplace(N * Kg);
       acc_t* j = joint->data();
-      at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
+      parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t c = 0; c < Cs; ++c) j[i * Kg + c] = u.s.data()[i * Cs + c];
           for (int64_t c = 0; c < Ct; ++c) j[i * Kg + Cs + c] = -u.t.data()[i * Ct + c];
@@ -216,7 +211,7 @@ void fa_tiled_backward(const at::Tensor& grad, const at::Tensor& s3, const at::T
     });
     // Reduce the parts in a fixed order into part 0, scaled by 2 g / N^2.
     const double scale = 2.0 * gp[b] / (double(N) * N);
-    at::parallel_for(0, N * Kg, 4096, [&](int64_t e0, int64_t e1) {
+    parallel_for(0, N * Kg, 4096, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         double v = gbuf[e];
         for (int64_t part = 1; part < parts; ++part) v += gbuf[part * N * Kg + e];
@@ -244,8 +239,8 @@ double sum_squares(const double* x, int64_t n) {
 }
 
 template <typename scalar_t>
-void fa_gram_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+void fa_gram_forward(const Tensor& s3, const Tensor& t3, double eps, Tensor& out) {
+  using acc_t = opmath_t<scalar_t>;
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1);
   const PixelView vs{Cs, N, s3.stride(1), s3.stride(2)};
   const PixelView vt{Ct, N, t3.stride(1), t3.stride(2)};
@@ -259,17 +254,17 @@ void fa_gram_forward(const at::Tensor& s3, const at::Tensor& t3, double eps, at:
     double v = sum_squares(gss.data(), Cs * Cs) + sum_squares(gtt.data(), Ct * Ct) -
                2 * sum_squares(gst.data(), Cs * Ct);
     if (v < 0) v = 0;  // rounding of the cancelling terms when student ~ teacher (keeps NaN)
-    out.data_ptr<acc_t>()[b] = static_cast<acc_t>(v / (double(N) * N));
+    out.mutable_data_ptr<acc_t>()[b] = static_cast<acc_t>(v / (double(N) * N));
   });
 }
 
 template <typename scalar_t>
-void fa_gram_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Tensor& t3,
-                      double eps, at::Tensor& gs, at::Tensor& gt) {
+void fa_gram_backward(const Tensor& grad, const Tensor& s3, const Tensor& t3, double eps,
+                      Tensor& gs, Tensor& gt) {
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1);
   const PixelView vs{Cs, N, s3.stride(1), s3.stride(2)};
   const PixelView vt{Ct, N, t3.stride(1), t3.stride(2)};
-  const auto g = grad.to(at::kDouble).contiguous();
+  const auto g = torch::stable::contiguous(to_dtype(grad, ScalarType::Double));
   const double* gp = g.const_data_ptr<double>();
   for_each_sample(B, [&](int64_t b) {
     const scalar_t* sp = s3.const_data_ptr<scalar_t>() + b * s3.stride(0);
@@ -287,7 +282,7 @@ void fa_gram_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Te
       gemm(true, false, Ca, N, Ct, 1.0, gta.data(), Ca, u.t.data(), N, 0.0, pt.data(), N);
       double* d = ps.data();
       const double* e = pt.data();
-      at::parallel_for(0, Ca * N, 4096, [&](int64_t e0, int64_t e1) {
+      parallel_for(0, Ca * N, 4096, [&](int64_t e0, int64_t e1) {
         for (int64_t i = e0; i < e1; ++i) d[i] = sign * alpha * (d[i] - e[i]);
       });
       unit_pixels_backward(xp, v, norms, d, int64_t(1), N, grad_x);
@@ -299,54 +294,49 @@ void fa_gram_backward(const at::Tensor& grad, const at::Tensor& s3, const at::Te
   });
 }
 
-at::Tensor fa_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, int64_t p,
-                       double eps) {
+Tensor fa_loss_cpu(const Tensor& student, const Tensor& teacher, int64_t p, double eps) {
   check_loss_args(student, teacher, p, eps);
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
   const bool tiled_p2 = p2_takes_tiled_form(s3.size(2), s3.size(1), t3.size(1));
-  auto out =
-      at::empty({student.size(0)}, student.options().dtype(compute_dtype(student.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fa_loss_cpu",
-                                  [&] {
-                                    if (p == 1)
-                                      fa_tiled_forward<1, scalar_t>(s3, t3, eps, out);
-                                    else if (tiled_p2)
-                                      fa_tiled_forward<2, scalar_t>(s3, t3, eps, out);
-                                    else
-                                      fa_gram_forward<scalar_t>(s3, t3, eps, out);
-                                  });
+  auto out = empty_on({student.size(0)}, student, compute_dtype(student.scalar_type()));
+  FFA_DISPATCH_FLOATING_AND_HALF_TYPES(student.scalar_type(), "fa_loss_cpu", [&] {
+    if (p == 1)
+      fa_tiled_forward<1, scalar_t>(s3, t3, eps, out);
+    else if (tiled_p2)
+      fa_tiled_forward<2, scalar_t>(s3, t3, eps, out);
+    else
+      fa_gram_forward<scalar_t>(s3, t3, eps, out);
+  });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> fa_loss_backward_cpu(const at::Tensor& grad,
-                                                        const at::Tensor& student,
-                                                        const at::Tensor& teacher, int64_t p,
-                                                        double eps, std::array<bool, 2> mask) {
+std::tuple<Tensor, Tensor> fa_loss_backward_cpu(const Tensor& grad, const Tensor& student,
+                                                const Tensor& teacher, int64_t p, double eps,
+                                                std::vector<bool> mask) {
   check_loss_args(student, teacher, p, eps);
   check_loss_grad(grad, student.size(0));
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
   const bool tiled_p2 = p2_takes_tiled_form(s3.size(2), s3.size(1), t3.size(1));
-  at::Tensor gs = mask[0] ? at::empty(student.sizes(), student.options()) : at::Tensor();
-  at::Tensor gt = mask[1] ? at::empty(teacher.sizes(), teacher.options()) : at::Tensor();
+  Tensor gs = mask[0] ? empty_on(student.sizes(), student) : Tensor();
+  Tensor gt = mask[1] ? empty_on(teacher.sizes(), teacher) : Tensor();
   if (mask[0] || mask[1]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                    "fa_loss_backward_cpu", [&] {
-                                      if (p == 1)
-                                        fa_tiled_backward<1, scalar_t>(grad, s3, t3, eps, gs, gt);
-                                      else if (tiled_p2)
-                                        fa_tiled_backward<2, scalar_t>(grad, s3, t3, eps, gs, gt);
-                                      else
-                                        fa_gram_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
-                                    });
+    FFA_DISPATCH_FLOATING_AND_HALF_TYPES(student.scalar_type(), "fa_loss_backward_cpu", [&] {
+      if (p == 1)
+        fa_tiled_backward<1, scalar_t>(grad, s3, t3, eps, gs, gt);
+      else if (tiled_p2)
+        fa_tiled_backward<2, scalar_t>(grad, s3, t3, eps, gs, gt);
+      else
+        fa_gram_backward<scalar_t>(grad, s3, t3, eps, gs, gt);
+    });
   }
-  return {gs.defined() ? gs : student.new_empty({0}), gt.defined() ? gt : teacher.new_empty({0})};
+  return {gs.defined() ? gs : empty_on({0}, student), gt.defined() ? gt : empty_on({0}, teacher)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffa, CPU, m) {
-  m.impl("fa_loss", &fa_loss_cpu);
-  m.impl("fa_loss_backward", &fa_loss_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ffa, CPU, m) {
+  m.impl("fa_loss", TORCH_BOX(&fa_loss_cpu));
+  m.impl("fa_loss_backward", TORCH_BOX(&fa_loss_backward_cpu));
 }
 
 }  // namespace ffa::cpu

@@ -17,10 +17,8 @@
 // floor is memory: 2 reads of S and T forward, 2 reads + 1 write backward. Y [B, N, k] is the one
 // O(N k) intermediate (kept for the backward). Partial P/Q per block are summed in block order:
 // deterministic for any thread count.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "cpu/ffa_cpu.h"
 
 #include <optional>
 #include <vector>
@@ -41,16 +39,17 @@ struct Features {
 };
 
 // Features with unit stride along pixels or along channels (halves computed in float32).
-at::Tensor gemm_ready(const at::Tensor& x) {
+Tensor gemm_ready(const Tensor& x) {
   auto x3 = as_pixels(x);
-  if (x3.scalar_type() != at::kDouble && x3.scalar_type() != at::kFloat) x3 = x3.to(at::kFloat);
+  if (x3.scalar_type() != ScalarType::Double && x3.scalar_type() != ScalarType::Float)
+    x3 = to_dtype(x3, ScalarType::Float);
   const bool ok = (x3.stride(2) == 1 && x3.stride(1) >= x3.size(2)) ||
                   (x3.stride(1) == 1 && x3.stride(2) >= x3.size(1));
-  return ok ? x3 : x3.contiguous();
+  return ok ? x3 : torch::stable::contiguous(x3);
 }
 
 template <typename T>
-Features<T> sample(const at::Tensor& x3, int64_t b) {
+Features<T> sample(const Tensor& x3, int64_t b) {
   return {x3.const_data_ptr<T>() + b * x3.stride(0),
           PixelView{x3.size(1), x3.size(2), x3.stride(1), x3.stride(2)}};
 }
@@ -63,7 +62,7 @@ constexpr int64_t kBlock = 512;
 // already runs samples in parallel).
 template <typename F>
 void for_each_block(int64_t N, const F& f) {
-  parallel_tasks(at::divup(N, kBlock),
+  parallel_tasks(divup(N, kBlock),
                  [&](int64_t blk) { f(blk * kBlock, std::min(N, (blk + 1) * kBlock), blk); });
 }
 
@@ -137,19 +136,19 @@ void sum_parts(const T* parts, int64_t nparts, int64_t n, T* out) {
 }
 
 template <typename T>
-void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tensor& z3, int64_t p,
-                      double eps, at::Tensor& loss, at::Tensor& y, at::Tensor& ps, at::Tensor& pt) {
+void ffa_forward_impl(const Tensor& s3, const Tensor& t3, const Tensor& z3, int64_t p, double eps,
+                      Tensor& loss, Tensor& y, Tensor& ps, Tensor& pt) {
   const int64_t B = s3.size(0), N = s3.size(2), Cs = s3.size(1), Ct = t3.size(1), k = z3.size(2);
-  const int64_t nblk = at::divup(N, kBlock);
+  const int64_t nblk = divup(N, kBlock);
   for_each_sample(B, [&](int64_t b) {
     std::vector<PixelNorm> ns(N), nt(N);
     AlignedBuffer<T> part_s(nblk * Cs * k), part_t(nblk * Ct * k);
     std::vector<double> blk_sum(nblk);
     const auto S = sample<T>(s3, b), Tt = sample<T>(t3, b);
     const T* z = z3.const_data_ptr<T>() + (z3.size(0) == 1 ? 0 : b) * N * k;
-    T* Y = y.data_ptr<T>() + b * N * k;
-    T* Ps = ps.data_ptr<T>() + b * Cs * k;
-    T* Pt = pt.data_ptr<T>() + b * Ct * k;
+    T* Y = y.mutable_data_ptr<T>() + b * N * k;
+    T* Ps = ps.mutable_data_ptr<T>() + b * Cs * k;
+    T* Pt = pt.mutable_data_ptr<T>() + b * Ct * k;
     // Pass 1: norms, unit pixels and P = U Z, one read of each feature map.
     for_each_block(N, [&](int64_t i0, int64_t i1, int64_t blk) {
       UnitBlock<T> us(Cs), ut(Ct);
@@ -183,7 +182,7 @@ void ffa_forward_impl(const at::Tensor& s3, const at::Tensor& t3, const at::Tens
     });
     double total = 0;
     for (double v : blk_sum) total += v;
-    loss.data_ptr<T>()[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
+    loss.mutable_data_ptr<T>()[b] = static_cast<T>(total / (double(k) * double(N) * double(N)));
   });
 }
 
@@ -195,20 +194,19 @@ void dl_dy(const T* Y, int64_t n, int64_t p, T scale, T* W) {
 }
 
 template <typename T>
-void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::Tensor& t3,
-                       const at::Tensor& z3, const at::Tensor& y, const at::Tensor& ps,
-                       const at::Tensor& pt, int64_t p, double eps, at::Tensor& gs,
-                       at::Tensor& gt) {
+void ffa_backward_impl(const Tensor& grad, const Tensor& s3, const Tensor& t3, const Tensor& z3,
+                       const Tensor& y, const Tensor& ps, const Tensor& pt, int64_t p, double eps,
+                       Tensor& gs, Tensor& gt) {
   const int64_t B = s3.size(0), N = s3.size(2), k = z3.size(2);
-  const int64_t nblk = at::divup(N, kBlock);
-  const auto g = grad.to(at::kDouble).contiguous();
+  const int64_t nblk = divup(N, kBlock);
+  const auto g = torch::stable::contiguous(to_dtype(grad, ScalarType::Double));
   const double* gp = g.const_data_ptr<double>();
   // The features needing a gradient: (features, P, sign, grad output).
   struct Side {
-    const at::Tensor* x3;
-    const at::Tensor* P;
+    const Tensor* x3;
+    const Tensor* P;
     T sign;
-    at::Tensor* grad;
+    Tensor* grad;
   };
   std::vector<Side> sides;
   if (gs.defined()) sides.push_back({&s3, &ps, T(1), &gs});
@@ -234,7 +232,7 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
       });
       sum_parts(parts.data(), nblk, C * k, Q.data());
       // Pass 2: G^T = sign (P W^T + Q Z^T) [C x nb] per block, chained through the normalization.
-      T* out = side.grad->template data_ptr<T>() + b * C * N;
+      T* out = side.grad->template mutable_data_ptr<T>() + b * C * N;
       for_each_block(N, [&](int64_t i0, int64_t i1, int64_t) {
         const int64_t nb = i1 - i0;
         std::vector<T> W(nb * k), G(C * nb);
@@ -247,60 +245,62 @@ void ffa_backward_impl(const at::Tensor& grad, const at::Tensor& s3, const at::T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffa_loss_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& projection, int64_t p,
-    double eps) {
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ffa_loss_cpu(const Tensor& student,
+                                                        const Tensor& teacher,
+                                                        const Tensor& projection, int64_t p,
+                                                        double eps) {
   check_loss_args(student, teacher, p, eps);
   check_projection(projection, student);
   const auto s3 = gemm_ready(student), t3 = gemm_ready(teacher);
-  const auto z3 = projection.to(s3.scalar_type()).contiguous();
+  const auto z3 = torch::stable::contiguous(to_dtype(projection, s3.scalar_type()));
   const int64_t B = s3.size(0), N = s3.size(2), k = z3.size(2);
-  const auto opts = s3.options();
-  auto loss = at::empty({B}, opts), y = at::empty({B, N, k}, opts);
-  auto ps = at::empty({B, s3.size(1), k}, opts), pt = at::empty({B, t3.size(1), k}, opts);
-  AT_DISPATCH_FLOATING_TYPES(s3.scalar_type(), "ffa_loss_cpu", [&] {
+  auto loss = empty_on({B}, s3), y = empty_on({B, N, k}, s3);
+  auto ps = empty_on({B, s3.size(1), k}, s3), pt = empty_on({B, t3.size(1), k}, s3);
+  FFA_DISPATCH_FLOATING_TYPES(s3.scalar_type(), "ffa_loss_cpu", [&] {
     ffa_forward_impl<scalar_t>(s3, t3, z3, p, eps, loss, y, ps, pt);
   });
   return {loss, y, ps, pt};
 }
 
-std::tuple<at::Tensor, at::Tensor> ffa_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-    const at::Tensor& projection, const at::Tensor& y, const at::Tensor& p_s, const at::Tensor& p_t,
-    int64_t p, double eps, std::array<bool, 2> mask) {
+std::tuple<Tensor, Tensor> ffa_loss_backward_cpu(const Tensor& grad, const Tensor& student,
+                                                 const Tensor& teacher, const Tensor& projection,
+                                                 const Tensor& y, const Tensor& p_s,
+                                                 const Tensor& p_t, int64_t p, double eps,
+                                                 std::vector<bool> mask) {
   check_loss_args(student, teacher, p, eps);
   check_projection(projection, student);
   const auto s3 = gemm_ready(student), t3 = gemm_ready(teacher);
   const auto dt = s3.scalar_type();
-  const auto z3 = projection.to(dt).contiguous();
+  const auto z3 = torch::stable::contiguous(to_dtype(projection, dt));
   const int64_t B = s3.size(0), N = s3.size(2), k = z3.size(2);
   check_loss_grad(grad, B);
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({B, N, k}) && y.scalar_type() == dt,
-              "y must be [B,N,k]");
-  TORCH_CHECK(p_s.sizes() == at::IntArrayRef({B, s3.size(1), k}) && p_s.scalar_type() == dt,
-              "p_s must be [B,Cs,k]");
-  TORCH_CHECK(p_t.sizes() == at::IntArrayRef({B, t3.size(1), k}) && p_t.scalar_type() == dt,
-              "p_t must be [B,Ct,k]");
+  FFA_CHECK(y.sizes() == IntArrayRef({B, N, k}) && y.scalar_type() == dt, "y must be [B,N,k]");
+  FFA_CHECK(p_s.sizes() == IntArrayRef({B, s3.size(1), k}) && p_s.scalar_type() == dt,
+            "p_s must be [B,Cs,k]");
+  FFA_CHECK(p_t.sizes() == IntArrayRef({B, t3.size(1), k}) && p_t.scalar_type() == dt,
+            "p_t must be [B,Ct,k]");
   // Gradients are computed in the compute dtype, then cast to the features' dtype.
-  at::Tensor gs = mask[0] ? at::empty(s3.sizes(), s3.options()) : at::Tensor();
-  at::Tensor gt = mask[1] ? at::empty(t3.sizes(), t3.options()) : at::Tensor();
+  Tensor gs = mask[0] ? empty_on(s3.sizes(), s3) : Tensor();
+  Tensor gt = mask[1] ? empty_on(t3.sizes(), t3) : Tensor();
   if (mask[0] || mask[1]) {
-    AT_DISPATCH_FLOATING_TYPES(dt, "ffa_loss_backward_cpu", [&] {
-      ffa_backward_impl<scalar_t>(grad, s3, t3, z3, y.contiguous(), p_s.contiguous(),
-                                  p_t.contiguous(), p, eps, gs, gt);
+    FFA_DISPATCH_FLOATING_TYPES(dt, "ffa_loss_backward_cpu", [&] {
+      ffa_backward_impl<scalar_t>(grad, s3, t3, z3, torch::stable::contiguous(y),
+                                  torch::stable::contiguous(p_s), torch::stable::contiguous(p_t), p,
+                                  eps, gs, gt);
     });
   }
-  auto finish = [](const at::Tensor& g, const at::Tensor& like) {
-    return g.defined() ? g.view(like.sizes()).to(like.scalar_type()) : like.new_empty({0});
+  auto finish = [](const Tensor& g, const Tensor& like) {
+    return g.defined() ? to_dtype(torch::stable::view(g, like.sizes()), like.scalar_type())
+                       : empty_on({0}, like);
   };
   return {finish(gs, student), finish(gt, teacher)};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ffa, CPU, m) {
-  m.impl("ffa_loss", &ffa_loss_cpu);
-  m.impl("ffa_loss_backward", &ffa_loss_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ffa, CPU, m) {
+  m.impl("ffa_loss", TORCH_BOX(&ffa_loss_cpu));
+  m.impl("ffa_loss_backward", TORCH_BOX(&ffa_loss_backward_cpu));
 }
 
 }  // namespace ffa::cpu

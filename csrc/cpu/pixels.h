@@ -11,7 +11,6 @@
 // float64 inputs the plain sum of squares is the fast path; a pixel whose sum of squares overflows
 // or may have underflowed is recomputed with a power-of-two scale (as LAPACK's nrm2 scales).
 #pragma once
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +19,8 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+
+#include "cpu/parallel.h"
 
 namespace ffa::cpu {
 
@@ -119,7 +120,7 @@ void write_unit_pixels_range(const scalar_t* x, PixelView v, int64_t i0, int64_t
 template <typename scalar_t, typename out_t>
 void unit_pixels(const scalar_t* x, PixelView v, double eps, out_t* dst, int64_t dp, int64_t dc,
                  PixelNorm* norms) {
-  at::parallel_for(0, v.N, 4 * kPixelBlock, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, v.N, 4 * kPixelBlock, [&](int64_t i0, int64_t i1) {
     pixel_norms_range(x, v, i0, i1, eps, norms);
     write_unit_pixels_range(x, v, i0, i1, norms, dst + i0 * dp, dp, dc);
   });
@@ -191,7 +192,7 @@ void unit_pixels_backward_range(const scalar_t* x, PixelView v, int64_t i0, int6
 template <typename scalar_t, typename g_t>
 void unit_pixels_backward(const scalar_t* x, PixelView v, const PixelNorm* norms, const g_t* g,
                           int64_t gp, int64_t gc, scalar_t* grad_x) {
-  at::parallel_for(0, v.N, 4 * kPixelBlock, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, v.N, 4 * kPixelBlock, [&](int64_t i0, int64_t i1) {
     unit_pixels_backward_range(x, v, i0, i1, norms, g + i0 * gp, gp, gc, grad_x);
   });
 }

@@ -18,10 +18,6 @@
 // Vectorization: the inner loops (cpu/quant_cpu_loops.h) are compiled for AVX-512, AVX2+FMA and
 // the baseline, picked at run time (FFA_QUANT_ISA=base|avx2|avx512 forces one, for testing).
 // Floor: memory bandwidth; every pass is a streaming read (+ write) of the tensor.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,6 +30,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/parallel.h"
 
 namespace ffa::cpu::quant {
 
@@ -152,7 +149,7 @@ struct Layout {
   bool row;
 };
 
-Layout layout_of(const at::Tensor& t, std::optional<int64_t> axis) {
+Layout layout_of(const Tensor& t, std::optional<int64_t> axis) {
   const int64_t n = t.numel();
   if (!axis.has_value() || t.size(*axis) == 1) return {n, 1, std::max<int64_t>(n, 1), false};
   const int64_t C = t.size(*axis), inner = t.stride(*axis);
@@ -218,7 +215,7 @@ template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 void check_bits(int64_t bits) {
-  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "bits must be one of 1, 2, ..., 8, got ", bits);
+  FFA_CHECK_VALUE(bits >= 1 && bits <= 8, "bits must be one of 1, 2, ..., 8, got ", bits);
 }
 
 // Per-task accumulators reduced in task order (deterministic for any thread count).
@@ -232,7 +229,7 @@ std::vector<double> reduce_tasks(const std::vector<double>& acc, int64_t tasks, 
 // ---- quantize_weight ------------------------------------------------------------------------
 
 template <typename scalar_t>
-void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, const Layout& L) {
+void quantize_weight_impl(const Tensor& w, Tensor& y, int64_t bits, const Layout& L) {
   using C = compute_t<scalar_t>;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -243,7 +240,7 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   // Pass 1: sum |w| and max |w| per channel.
   std::vector<double> sums(T.count * nc, 0.0);
   std::vector<C> maxs(T.count * nc, C(0));
-  at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for_each_piece(
           L, t * T.block, std::min(L.numel, (t + 1) * T.block),
@@ -278,7 +275,7 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   const C Q = C((int64_t(1) << (bits - 1)) - 1);
   if (bits >= 2) {
     std::vector<double> s1(T.count * nc, 0.0), s2(T.count * nc, 0.0);
-    at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for_each_piece(
             L, t * T.block, std::min(L.numel, (t + 1) * T.block),
@@ -306,7 +303,7 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   }
 
   // Pass 3: the elementwise quantization.
-  at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for_each_piece(
           L, t * T.block, std::min(L.numel, (t + 1) * T.block),
@@ -320,30 +317,32 @@ void quantize_weight_impl(const at::Tensor& w, at::Tensor& y, int64_t bits, cons
   });
 }
 
-at::Tensor quantize_weight_cpu(const at::Tensor& weight, int64_t bits, bool per_channel) {
+Tensor quantize_weight_cpu(const Tensor& weight, int64_t bits, bool per_channel) {
   check_floating(weight, "weight");
   check_bits(bits);
-  TORCH_CHECK_VALUE(!per_channel || weight.dim() >= 2,
-                    "per_channel=True needs a weight with at least 2 dims (one scale per output "
-                    "channel, dim 0), got a ",
-                    weight.dim(), "-D tensor");
-  at::Tensor y;
-  at::Tensor w = dense_input(weight, y);
+  FFA_CHECK_VALUE(!per_channel || weight.dim() >= 2,
+                  "per_channel=True needs a weight with at least 2 dims (one scale per output "
+                  "channel, dim 0), got a ",
+                  weight.dim(), "-D tensor");
+  Tensor y;
+  Tensor w = dense_input(weight, y);
   if (w.numel() == 0) return y;
   const std::optional<int64_t> axis = per_channel ? std::optional<int64_t>(0) : std::nullopt;
   Layout L = layout_of(w, axis);
-  at::Tensor out = y;
-  if (L.row && L.numel > L.C) {  // dim 0 is the fastest axis (a transposed weight): work on a
-    w = w.contiguous();          // contiguous copy, whose channels are runs of numel / C
-    out = at::empty_like(w);
+  Tensor out = y;
+  bool copied = false;
+  if (L.row && L.numel > L.C) {        // dim 0 is the fastest axis (a transposed weight): work on a
+    w = torch::stable::contiguous(w);  // contiguous copy, whose channels are runs of numel / C
+    out = torch::stable::empty_like(w);
+    copied = true;
     L = layout_of(w, axis);
   }
   // The weight loops reduce one channel per span: with one element per channel ([C, 1], [C, 1,
   // 1, 1]: no copy makes runs longer) the spans are single elements, never rows across channels.
   L.row = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_weight_cpu",
-                                  [&] { quantize_weight_impl<scalar_t>(w, out, bits, L); });
-  if (!out.is_same(y)) y.copy_(out);
+  FFA_DISPATCH_FLOATING_AND_HALF_TYPES(w.scalar_type(), "quantize_weight_cpu",
+                                       [&] { quantize_weight_impl<scalar_t>(w, out, bits, L); });
+  if (copied) torch::stable::copy_(y, out);
   return y;
 }
 
@@ -351,9 +350,9 @@ at::Tensor quantize_weight_cpu(const at::Tensor& weight, int64_t bits, bool per_
 
 // The step alpha clamped to [1e-3, 5] in alpha's own dtype (as the released code clamps it),
 // read without a device sync (alpha lives on the CPU here).
-double clamped_alpha(const at::Tensor& alpha) {
+double clamped_alpha(const Tensor& alpha) {
   double a = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, alpha.scalar_type(), "alpha", [&] {
+  FFA_DISPATCH_FLOATING_AND_HALF_TYPES(alpha.scalar_type(), "alpha", [&] {
     const scalar_t v = alpha.const_data_ptr<scalar_t>()[0];
     const scalar_t lo = static_cast<scalar_t>(1e-3), hi = static_cast<scalar_t>(5.0);
     a = static_cast<double>(v < lo ? lo : (hi < v ? hi : v));
@@ -361,26 +360,26 @@ double clamped_alpha(const at::Tensor& alpha) {
   return a;
 }
 
-void check_relu_args(const at::Tensor& x, const at::Tensor& alpha, int64_t bits) {
+void check_relu_args(const Tensor& x, const Tensor& alpha, int64_t bits) {
   check_floating(x, "x");
   check_relu_alpha(alpha, x);
   check_bits(bits);
 }
 
-at::Tensor quant_relu_cpu(const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
-                          c10::string_view ste, c10::string_view alpha_grad, double rate) {
+Tensor quant_relu_cpu(const Tensor& x_in, const Tensor& alpha, int64_t bits, std::string_view ste,
+                      std::string_view alpha_grad, double rate) {
   check_relu_args(x_in, alpha, bits);
-  at::Tensor y;
-  const at::Tensor x = dense_input(x_in, y);
+  Tensor y;
+  const Tensor x = dense_input(x_in, y);
   const int64_t n = x.numel();
   if (n == 0) return y;
   const double a = clamped_alpha(alpha), L = double((int64_t(1) << bits) - 1);
   const Tasks T = tasks_of(n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quant_relu_cpu", [&] {
+  FFA_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "quant_relu_cpu", [&] {
     using C = compute_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t off = t * T.block, len = std::min(n, off + T.block) - off;
         on_compute_spans<scalar_t>(xp + off, nullptr, yp + off, len,
@@ -393,15 +392,17 @@ at::Tensor quant_relu_cpu(const at::Tensor& x_in, const at::Tensor& alpha, int64
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& alpha, int64_t bits,
-    c10::string_view ste, c10::string_view alpha_grad, double rate, std::array<bool, 2> mask) {
+std::tuple<Tensor, Tensor> quant_relu_backward_cpu(const Tensor& grad_in, const Tensor& x_in,
+                                                   const Tensor& alpha, int64_t bits,
+                                                   std::string_view ste,
+                                                   std::string_view alpha_grad, double rate,
+                                                   std::vector<bool> mask) {
   check_relu_args(x_in, alpha, bits);
   check_grad_like_x(grad_in, x_in);
   QreluBackParams p{};
-  TORCH_CHECK_VALUE(ste == "inplt" || ste == "idnty" || ste == "relu",
-                    "ste must be 'inplt', 'idnty' or 'relu', got '", std::string(ste), "'");
-  TORCH_CHECK_VALUE(
+  FFA_CHECK_VALUE(ste == "inplt" || ste == "idnty" || ste == "relu",
+                  "ste must be 'inplt', 'idnty' or 'relu', got '", std::string(ste), "'");
+  FFA_CHECK_VALUE(
       alpha_grad == "mean" || alpha_grad == "ae" || alpha_grad == "pact" || alpha_grad == "min",
       "alpha_grad must be 'mean', 'ae', 'pact' or 'min', got '", std::string(alpha_grad), "'");
   p.idnty = ste == "idnty";
@@ -411,53 +412,52 @@ std::tuple<at::Tensor, at::Tensor> quant_relu_backward_cpu(
            : alpha_grad == "min" ? 1.0
                                  : 0.0;
 
-  at::Tensor dx;
-  const at::Tensor x = dense_input(x_in, dx);
-  const at::Tensor grad = match_strides(grad_in, x);
-  at::Tensor galpha = at::zeros_like(alpha);
+  Tensor dx;
+  const Tensor x = dense_input(x_in, dx);
+  const Tensor grad = match_strides(grad_in, x);
+  Tensor galpha = zeros_like(alpha);
   const int64_t n = x.numel();
   if (n > 0 && (mask[0] || mask[1])) {
     const double a = clamped_alpha(alpha), L = double((int64_t(1) << bits) - 1);
     const Tasks T = tasks_of(n);
     std::vector<double> part(T.count, 0.0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, x.scalar_type(), "quant_relu_backward_cpu", [&] {
-          using C = compute_t<scalar_t>;
-          const scalar_t* xp = x.const_data_ptr<scalar_t>();
-          const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-          scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-          auto run = [&](auto kdx, auto kga, auto kae) {
-            at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
-              for (int64_t t = t0; t < t1; ++t) {
-                const int64_t off = t * T.block, len = std::min(n, off + T.block) - off;
-                on_compute_spans<scalar_t>(
-                    gp + off, xp + off, dxp != nullptr ? dxp + off : nullptr, len,
-                    [&](const C* g, const C* xs, C* d, int64_t, int64_t m) {
-                      FFA_QUANT_ISA_CALL(
-                          part[t] +=
-                          (k::qrelu_backward<decltype(kdx)::value, decltype(kga)::value,
-                                             decltype(kae)::value, C>(g, xs, d, m, C(a), C(L), p)));
-                    });
-              }
-            });
-          };
-          using TT = std::true_type;
-          using FF = std::false_type;
-          if (mask[0] && mask[1])
-            ae ? run(TT{}, TT{}, TT{}) : run(TT{}, TT{}, FF{});
-          else if (mask[0])
-            run(TT{}, FF{}, FF{});
-          else
-            ae ? run(FF{}, TT{}, TT{}) : run(FF{}, TT{}, FF{});
+    FFA_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "quant_relu_backward_cpu", [&] {
+      using C = compute_t<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+      auto run = [&](auto kdx, auto kga, auto kae) {
+        parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t off = t * T.block, len = std::min(n, off + T.block) - off;
+            on_compute_spans<scalar_t>(
+                gp + off, xp + off, dxp != nullptr ? dxp + off : nullptr, len,
+                [&](const C* g, const C* xs, C* d, int64_t, int64_t m) {
+                  FFA_QUANT_ISA_CALL(
+                      part[t] +=
+                      (k::qrelu_backward<decltype(kdx)::value, decltype(kga)::value,
+                                         decltype(kae)::value, C>(g, xs, d, m, C(a), C(L), p)));
+                });
+          }
         });
+      };
+      using TT = std::true_type;
+      using FF = std::false_type;
+      if (mask[0] && mask[1])
+        ae ? run(TT{}, TT{}, TT{}) : run(TT{}, TT{}, FF{});
+      else if (mask[0])
+        run(TT{}, FF{}, FF{});
+      else
+        ae ? run(FF{}, TT{}, TT{}) : run(FF{}, TT{}, FF{});
+    });
     if (mask[1]) {
       double s = 0;
       for (double v : part) s += v;
       const double ga = std::min(1.0, std::max(-1.0, s * rate));
-      galpha.fill_(ga);
+      torch::stable::fill_(galpha, ga);
     }
   }
-  return {mask[0] ? dx : x_in.new_empty({0}), mask[1] ? galpha : alpha.new_empty({0})};
+  return {mask[0] ? dx : empty_on({0}, x_in), mask[1] ? galpha : empty_on({0}, alpha)};
 }
 
 // ---- fake_quantize --------------------------------------------------------------------------
@@ -471,10 +471,10 @@ struct FqSetup {
 
 // The values of a 0-d / one-element / 1-D qparam tensor on the CPU (checked by
 // check_fake_quantize_args), read in place (no copies).
-std::vector<double> host_values(const at::Tensor& t) {
+std::vector<double> host_values(const Tensor& t) {
   std::vector<double> out(t.numel());
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
-  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "qparams", [&] {
+  FFA_DISPATCH_ALL_TYPES_AND_HALF(t.scalar_type(), "qparams", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * stride]);
   });
@@ -484,37 +484,36 @@ std::vector<double> host_values(const at::Tensor& t) {
 // Validates the qparams and turns them into per-channel floats with torch's conventions.
 // backward_lsq: the zero point torch's LSQ backward uses (per-tensor: trunc(clamp(zp + 0.5)),
 // per-channel: clamp(round(zp))); otherwise the forward's.
-FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                 int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable,
-                 bool backward_lsq) {
+FqSetup fq_setup(const Tensor& x, const Tensor& scale, const Tensor& zero_point, int64_t qmin,
+                 int64_t qmax, std::optional<int64_t> axis, bool learnable, bool backward_lsq) {
   check_fake_quantize_args(x, scale, zero_point, qmin, qmax, axis.has_value());
   FqSetup s;
   if (axis.has_value()) {
     int64_t ax = *axis;
-    TORCH_CHECK_VALUE(x.dim() >= 1 && ax >= -x.dim() && ax < x.dim(), "axis must be in [", -x.dim(),
-                      ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", ax);
+    FFA_CHECK_VALUE(x.dim() >= 1 && ax >= -x.dim() && ax < x.dim(), "axis must be in [", -x.dim(),
+                    ", ", x.dim(), ") for a ", x.dim(), "-D x, got ", ax);
     if (ax < 0) ax += x.dim();
     s.axis = ax;
     s.C = x.size(ax);
-    TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == s.C,
-                      "scale must be 1-D with one entry per channel (", s.C, "), got shape ",
-                      scale.sizes());
-    TORCH_CHECK_VALUE(zero_point.dim() == 1 && zero_point.numel() == s.C,
-                      "zero_point must be 1-D with one entry per channel (", s.C, "), got shape ",
-                      zero_point.sizes());
+    FFA_CHECK_VALUE(scale.dim() == 1 && scale.numel() == s.C,
+                    "scale must be 1-D with one entry per channel (", s.C, "), got shape ",
+                    scale.sizes());
+    FFA_CHECK_VALUE(zero_point.dim() == 1 && zero_point.numel() == s.C,
+                    "zero_point must be 1-D with one entry per channel (", s.C, "), got shape ",
+                    zero_point.sizes());
   } else {
     s.C = 1;
-    TORCH_CHECK_VALUE(scale.numel() == 1,
-                      "scale must have one element for per-tensor "
-                      "quantization, got shape ",
-                      scale.sizes());
-    TORCH_CHECK_VALUE(zero_point.numel() == 1,
-                      "zero_point must have one element for "
-                      "per-tensor quantization, got shape ",
-                      zero_point.sizes());
+    FFA_CHECK_VALUE(scale.numel() == 1,
+                    "scale must have one element for per-tensor "
+                    "quantization, got shape ",
+                    scale.sizes());
+    FFA_CHECK_VALUE(zero_point.numel() == 1,
+                    "zero_point must have one element for "
+                    "per-tensor quantization, got shape ",
+                    zero_point.sizes());
   }
   const std::vector<double> sv = host_values(scale), zv = host_values(zero_point);
-  const bool float_zp = at::isFloatingType(zero_point.scalar_type());
+  const bool float_zp = is_floating(zero_point.scalar_type());
   const float lo = float(qmin), hi = float(qmax);
   s.mode = kIntZp;
   s.inv.resize(s.C);
@@ -522,8 +521,8 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
   s.zp.resize(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     const float sc = float(sv[c]);
-    TORCH_CHECK_VALUE(sc > 0, "scale must be positive, got ", sv[c],
-                      axis ? " at channel " + std::to_string(c) : std::string());
+    FFA_CHECK_VALUE(sc > 0, "scale must be positive, got ", sv[c],
+                    axis ? " at channel " + std::to_string(c) : std::string());
     s.scale[c] = sc;
     s.inv[c] = 1.0f / sc;
     const float z = float(zv[c]);
@@ -539,10 +538,9 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
       s.zp[c] = z;
     } else {
       const double zi = std::trunc(zv[c]);  // torch reads a per-tensor zero point with toInt()
-      TORCH_CHECK_VALUE(zi >= double(qmin) && zi <= double(qmax),
-                        "zero_point must lie in [quant_min, quant_max] = [", qmin, ", ", qmax,
-                        "], got ", zv[c],
-                        axis ? " at channel " + std::to_string(c) : std::string());
+      FFA_CHECK_VALUE(zi >= double(qmin) && zi <= double(qmax),
+                      "zero_point must lie in [quant_min, quant_max] = [", qmin, ", ", qmax,
+                      "], got ", zv[c], axis ? " at channel " + std::to_string(c) : std::string());
       s.zp[c] = float(zi);
     }
   }
@@ -550,15 +548,14 @@ FqSetup fq_setup(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
 }
 
 template <typename scalar_t>
-void fq_forward_impl(const at::Tensor& x, at::Tensor& y, const FqSetup& s, int64_t qmin,
-                     int64_t qmax) {
+void fq_forward_impl(const Tensor& x, Tensor& y, const FqSetup& s, int64_t qmin, int64_t qmax) {
   using C = compute_t<scalar_t>;
   const Layout L = layout_of(x, s.axis);
   const Tasks T = tasks_of(L.numel);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   const bool channel = s.axis.has_value();
-  at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for_each_piece(
           L, t * T.block, std::min(L.numel, (t + 1) * T.block),
@@ -588,20 +585,20 @@ void fq_forward_impl(const at::Tensor& x, at::Tensor& y, const FqSetup& s, int64
   });
 }
 
-at::Tensor fake_quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
-                             const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
-                             std::optional<int64_t> axis, bool learnable, double grad_factor) {
+Tensor fake_quantize_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& zero_point,
+                         int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable,
+                         double grad_factor) {
   const FqSetup s = fq_setup(x_in, scale, zero_point, qmin, qmax, axis, learnable, false);
-  at::Tensor y;
-  const at::Tensor x = dense_input(x_in, y);
+  Tensor y;
+  const Tensor x = dense_input(x_in, y);
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_cpu",
-                                  [&] { fq_forward_impl<scalar_t>(x, y, s, qmin, qmax); });
+  FFA_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "fake_quantize_cpu",
+                                       [&] { fq_forward_impl<scalar_t>(x, y, s, qmin, qmax); });
   return y;
 }
 
 template <typename scalar_t>
-void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* dx, const FqSetup& s,
+void fq_backward_impl(const Tensor& grad, const Tensor& x, Tensor* dx, const FqSetup& s,
                       int64_t qmin, int64_t qmax, bool learnable, double grad_factor,
                       std::vector<double>* gscale, std::vector<double>* gzp) {
   using C = compute_t<scalar_t>;
@@ -612,7 +609,7 @@ void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* d
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx != nullptr ? dx->mutable_data_ptr<scalar_t>() : nullptr;
   std::vector<double> acc_s(learnable ? T.count * nc : 0, 0.0), acc_z(acc_s.size(), 0.0);
-  at::parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for_each_piece(
           L, t * T.block, std::min(L.numel, (t + 1) * T.block),
@@ -659,27 +656,26 @@ void fq_backward_impl(const at::Tensor& grad, const at::Tensor& x, at::Tensor* d
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale,
-    const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
-    bool learnable, double grad_factor, std::array<bool, 3> mask) {
+std::tuple<Tensor, Tensor, Tensor> fake_quantize_backward_cpu(
+    const Tensor& grad_in, const Tensor& x_in, const Tensor& scale, const Tensor& zero_point,
+    int64_t qmin, int64_t qmax, std::optional<int64_t> axis, bool learnable, double grad_factor,
+    std::vector<bool> mask) {
   const FqSetup s = fq_setup(x_in, scale, zero_point, qmin, qmax, axis, learnable, true);
   check_grad_like_x(grad_in, x_in);
   const bool qgrads = learnable && (mask[1] || mask[2]);
-  at::Tensor dx, gs, gz;
+  Tensor dx, gs, gz;
   if (mask[0] || qgrads) {
-    at::Tensor dx_;
-    const at::Tensor x = dense_input(x_in, dx_);
-    const at::Tensor grad = match_strides(grad_in, x);
+    Tensor dx_;
+    const Tensor x = dense_input(x_in, dx_);
+    const Tensor grad = match_strides(grad_in, x);
     std::vector<double> vs, vz;
     if (x.numel() > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_backward_cpu", [&] {
-            // learnable: dx follows torch's LSQ backward (its own zero point and rounding) even
-            // when only dx is wanted.
-            fq_backward_impl<scalar_t>(grad, x, mask[0] ? &dx_ : nullptr, s, qmin, qmax, learnable,
-                                       grad_factor, &vs, &vz);
-          });
+      FFA_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "fake_quantize_backward_cpu", [&] {
+        // learnable: dx follows torch's LSQ backward (its own zero point and rounding) even
+        // when only dx is wanted.
+        fq_backward_impl<scalar_t>(grad, x, mask[0] ? &dx_ : nullptr, s, qmin, qmax, learnable,
+                                   grad_factor, &vs, &vz);
+      });
     } else {
       vs.assign(s.C, 0.0);
       vz.assign(s.C, 0.0);
@@ -687,33 +683,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     if (mask[0]) dx = dx_;
     if (qgrads) {
       // The float64 sums are rounded once to the qparams' dtypes (torch sums in float32).
-      auto to_tensor = [&](const std::vector<double>& v, const at::Tensor& like) {
-        at::Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(at::kDouble));
+      auto to_tensor = [&](const std::vector<double>& v, const Tensor& like) {
+        Tensor t = empty_on({int64_t(v.size())}, like, ScalarType::Double);
         std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
-        return t.to(like.scalar_type()).view(like.sizes());
+        return torch::stable::view(to_dtype(t, like.scalar_type()), like.sizes());
       };
       if (mask[1]) gs = to_tensor(vs, scale);
       if (mask[2]) {
-        TORCH_CHECK_TYPE(at::isFloatingType(zero_point.scalar_type()),
-                         "a zero_point gradient needs a floating zero_point");
+        FFA_CHECK_TYPE(is_floating(zero_point.scalar_type()),
+                       "a zero_point gradient needs a floating zero_point");
         gz = to_tensor(vz, zero_point);
       }
     }
   }
-  if (mask[1] && !gs.defined()) gs = at::zeros_like(scale);
-  if (mask[2] && !gz.defined()) gz = at::zeros_like(zero_point);
-  return {mask[0] ? dx : x_in.new_empty({0}), mask[1] ? gs : scale.new_empty({0}),
-          mask[2] ? gz : zero_point.new_empty({0})};
+  if (mask[1] && !gs.defined()) gs = zeros_like(scale);
+  if (mask[2] && !gz.defined()) gz = zeros_like(zero_point);
+  return {mask[0] ? dx : empty_on({0}, x_in), mask[1] ? gs : empty_on({0}, scale),
+          mask[2] ? gz : empty_on({0}, zero_point)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffa, CPU, m) {
-  m.impl("quantize_weight", &quantize_weight_cpu);
-  m.impl("quant_relu", &quant_relu_cpu);
-  m.impl("quant_relu_backward", &quant_relu_backward_cpu);
-  m.impl("fake_quantize", &fake_quantize_cpu);
-  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ffa, CPU, m) {
+  m.impl("quantize_weight", TORCH_BOX(&quantize_weight_cpu));
+  m.impl("quant_relu", TORCH_BOX(&quant_relu_cpu));
+  m.impl("quant_relu_backward", TORCH_BOX(&quant_relu_backward_cpu));
+  m.impl("fake_quantize", TORCH_BOX(&fake_quantize_cpu));
+  m.impl("fake_quantize_backward", TORCH_BOX(&fake_quantize_backward_cpu));
 }
 
 }  // namespace ffa::cpu::quant
