@@ -44,7 +44,7 @@ _ERROR_TYPES = {"ValueError": ValueError, "TypeError": TypeError}
 
 
 def _native_error_types(kernel):
-    """Re-raises the native kernels' tagged RuntimeErrors as the ValueError / TypeError they mean."""
+    """Re-raises the native kernels' tagged RuntimeErrors as ValueError / TypeError."""
 
     @functools.wraps(kernel)
     def wrapper(*args):

@@ -51,7 +51,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 
 def _load_cuda() -> bool:
-    """Imports ffa._C_cuda (the CUDA impls of _C's ops) when this torch has CUDA and it was built."""
+    """Imports ffa._C_cuda (CUDA impls of _C's ops) when torch has CUDA and it was built."""
     if torch.version.cuda is None:
         return False
     try:
