@@ -11,10 +11,14 @@ STABLE_TORCH_LIBRARY(ffa, m) {
   // ---- feature-affinity losses (per-sample values, shape [B]) -----------------------------
   // Exact FA: mean_ij |D_ij| (p=1) or mean_ij D_ij^2 (p=2), D = U_S^T U_S - U_T^T U_T.
   // student [B,Cs,H,W] and teacher [B,Ct,H,W] share H, W (resizing is done in Python).
-  m.def("fa_loss(Tensor student, Tensor teacher, int p, float eps) -> Tensor");
+  // allow_tf32 (last, default False): torch.backends.cuda.matmul.allow_tf32, passed by
+  // ffa.functional because the stable ABI cannot read torch's global context; only the CUDA p=1
+  // kernel uses it (tensor cores in TF32).
+  m.def(
+      "fa_loss(Tensor student, Tensor teacher, int p, float eps, bool allow_tf32=False) -> Tensor");
   m.def(
       "fa_loss_backward(Tensor grad, Tensor student, Tensor teacher, int p, float eps, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
+      "bool[2] output_mask, bool allow_tf32=False) -> (Tensor, Tensor)");
   // FFA: sum_i mean_k f((D Z)_ik) / N^2, f = |.| (p=1) or square (p=2); projection Z [Bz,N,k],
   // Bz in {1, B}. Also returns Y = D Z [B,N,k] and P_S = U_S Z [B,Cs,k], P_T = U_T Z [B,Ct,k]
   // for the backward.

@@ -6,6 +6,7 @@ The flow is one-way: ffa.functional -> torch.ops.ffa.* (dispatcher) -> CPU/CUDA 
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import torch
 
@@ -58,6 +59,14 @@ def _load_cuda() -> bool:
         from . import _C_cuda  # noqa: F401  (runs STABLE_TORCH_LIBRARY_IMPL(ffa, CUDA, ...))
     except ModuleNotFoundError:
         return False  # a build without CUDA kernels (FFA_CUDA=OFF, or no nvcc at build time)
+    except ImportError as e:  # e.g. built for another CUDA major version than this torch's
+        warnings.warn(
+            f"ffa's CUDA kernels (ffa._C_cuda) failed to load under torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}): {e}. CPU ops work; CUDA tensors have no ffa kernel.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
     return True
 
 
@@ -86,12 +95,12 @@ def _maybe_empty(like: torch.Tensor, wanted: bool) -> torch.Tensor:
 
 # ---- fake kernels: shapes and dtypes only --------------------------------------------------------
 @torch.library.register_fake("ffa::fa_loss")
-def _(student, teacher, p, eps):
+def _(student, teacher, p, eps, allow_tf32=False):
     return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
 
 
 @torch.library.register_fake("ffa::fa_loss_backward")
-def _(grad, student, teacher, p, eps, output_mask):
+def _(grad, student, teacher, p, eps, output_mask, allow_tf32=False):
     return _maybe_empty(student, output_mask[0]), _maybe_empty(teacher, output_mask[1])
 
 
@@ -152,11 +161,12 @@ def _contract(grads, tangents, dtype) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-def _loss_jvp(backward_op, args, loss_dtype, ts, tt) -> torch.Tensor:
-    """The tangent of a per-sample loss: ``backward_op`` at grad = 1, contracted with (ts, tt)."""
+def _loss_jvp(backward_op, args, loss_dtype, ts, tt, extra=()) -> torch.Tensor:
+    """The tangent of a per-sample loss: ``backward_op`` at grad = 1, contracted with (ts, tt).
+    ``extra``: the backward op's arguments after the output mask."""
     student = args[0]
     ones = torch.ones(student.shape[0], dtype=loss_dtype, device=student.device)
-    grads = backward_op(ones, *args, [ts is not None, tt is not None])
+    grads = backward_op(ones, *args, [ts is not None, tt is not None], *extra)
     return _contract(grads, (ts, tt), loss_dtype)
 
 
@@ -203,36 +213,39 @@ def _forward_over_reverse(op: str):
 class FaLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
-        student, teacher, p, eps = inputs
+        student, teacher, p, eps = inputs[:4]
         ctx.save_for_backward(student, teacher)
         ctx.save_for_forward(student, teacher)
         ctx.p, ctx.eps, ctx.loss_dtype = p, eps, output.dtype
+        # allow_tf32 (schema default False) may or may not be among the inputs.
+        ctx.tf32, ctx.n_inputs = tuple(inputs[4:5]), len(inputs)
 
     @staticmethod
     def backward(ctx, grad):
         mask = _mask(ctx)
-        gs, gt = ops.fa_loss_backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps, mask)
-        return (gs if mask[0] else None), (gt if mask[1] else None), None, None
+        gs, gt = ops.fa_loss_backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps, mask, *ctx.tf32)
+        return (gs if mask[0] else None), (gt if mask[1] else None), *[None] * (ctx.n_inputs - 2)
 
     @staticmethod
-    def jvp(ctx, ts, tt, _p, _eps):
+    def jvp(ctx, ts, tt, *_):
         args = (*ctx.saved_tensors, ctx.p, ctx.eps)
-        return _loss_jvp(ops.fa_loss_backward, args, ctx.loss_dtype, ts, tt)
+        return _loss_jvp(ops.fa_loss_backward, args, ctx.loss_dtype, ts, tt, ctx.tf32)
 
 
 @registers_autograd("fa_loss_backward")
 class FaLossBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad, student, teacher, p, eps, _ = inputs
+        grad, student, teacher, p, eps = inputs[:5]
         ctx.save_for_backward(grad, student, teacher)
-        ctx.p, ctx.eps = p, eps
+        ctx.p, ctx.eps, ctx.n_inputs = p, eps, len(inputs)
 
     @staticmethod
     def backward(ctx, ggs, ggt):
         if ctx.p == 1:
             raise no_double_backward("fa_loss_backward", "for p=1 (second derivatives of FA p=1)")
-        return *_fa_gradient(ctx).vjp(ggs, ggt, ctx.needs_input_grad[:3]), None, None, None
+        grads = _fa_gradient(ctx).vjp(ggs, ggt, ctx.needs_input_grad[:3])
+        return *grads, *[None] * (ctx.n_inputs - 3)
 
     jvp = _forward_over_reverse("fa_loss_backward")
 

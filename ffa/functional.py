@@ -90,7 +90,10 @@ def feature_affinity_loss(student, teacher, *, p=1, reduction="mean", eps=1e-5):
     """
     _check_options(p, reduction, eps)
     student, teacher = _prepare(student, teacher)
-    return reduce(ops.fa_loss(student, teacher, p, float(eps)), reduction)
+    # The CUDA p=1 kernel follows torch's TF32 switch for matmuls (read here: the native code
+    # cannot reach torch's global context through the stable ABI).
+    tf32 = student.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return reduce(ops.fa_loss(student, teacher, p, float(eps), tf32), reduction)
 
 
 def fast_feature_affinity_loss(

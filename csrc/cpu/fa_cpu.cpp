@@ -294,7 +294,9 @@ void fa_gram_backward(const Tensor& grad, const Tensor& s3, const Tensor& t3, do
   });
 }
 
-Tensor fa_loss_cpu(const Tensor& student, const Tensor& teacher, int64_t p, double eps) {
+// allow_tf32 only matters on CUDA.
+Tensor fa_loss_cpu(const Tensor& student, const Tensor& teacher, int64_t p, double eps,
+                   bool allow_tf32) {
   check_loss_args(student, teacher, p, eps);
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
   const bool tiled_p2 = p2_takes_tiled_form(s3.size(2), s3.size(1), t3.size(1));
@@ -312,7 +314,7 @@ Tensor fa_loss_cpu(const Tensor& student, const Tensor& teacher, int64_t p, doub
 
 std::tuple<Tensor, Tensor> fa_loss_backward_cpu(const Tensor& grad, const Tensor& student,
                                                 const Tensor& teacher, int64_t p, double eps,
-                                                std::vector<bool> mask) {
+                                                std::vector<bool> mask, bool allow_tf32) {
   check_loss_args(student, teacher, p, eps);
   check_loss_grad(grad, student.size(0));
   const auto s3 = as_pixels(student), t3 = as_pixels(teacher);
