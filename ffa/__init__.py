@@ -1,6 +1,7 @@
 """ffa: fused kernels for feature-affinity knowledge distillation and low-bit QAT."""
 
 from . import reference
+from ._backend import PortablePathWarning
 from ._ops import ops
 from .distill import FAQDLoss, FeatureHooks
 from .functional import fast_feature_affinity_loss, feature_affinity_loss
@@ -15,6 +16,7 @@ __all__ = [
     "FastFeatureAffinityLoss",
     "FAQDLoss",
     "FeatureHooks",
+    "PortablePathWarning",
     "ops",
     "reference",
 ]
