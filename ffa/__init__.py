@@ -1,6 +1,7 @@
 """ffa: fused kernels for feature-affinity knowledge distillation and low-bit QAT."""
 
-from . import reference
+# `quant` too: `import ffa` registers every op's fake kernel, autograd and portable kernel
+from . import quant, reference
 from ._backend import PortablePathWarning
 from ._ops import ops
 from .distill import FAQDLoss, FeatureHooks
@@ -18,5 +19,6 @@ __all__ = [
     "FeatureHooks",
     "PortablePathWarning",
     "ops",
+    "quant",
     "reference",
 ]
