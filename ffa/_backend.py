@@ -74,13 +74,19 @@ def register_portable(name: str, kernel) -> None:
     ``FFA_BACKEND=portable``."""
     op = getattr(torch.ops.ffa, name).default
 
+    def run(*args):
+        # A native kernel is opaque to autocast; the torch ops inside this one must be too (under
+        # autocast, their matmuls would run in bfloat16/float16).
+        with torch._C._DisableAutocast():
+            return kernel(*args)
+
     def default_kernel(*args):
         _warn_once(name, _device(args))
-        return kernel(*args)
+        return run(*args)
 
     def router(keyset, *args):
         if backend() == "portable" and _device(args).type != "meta":
-            return kernel(*args)
+            return run(*args)
         return op.redispatch(keyset & _BELOW_BACKEND_SELECT, *args)
 
     _lib.impl(name, default_kernel, "CompositeExplicitAutograd")

@@ -41,6 +41,8 @@ __all__ = [
 
 BLOCK_BYTES = 64 << 20
 """The bound on exact FA's block temporaries (A_S, A_T, D and f(D) of one row block)."""
+PIXEL_CHUNK = 512
+"""FFA's products over pixels sum chunks of this many pixels in float64."""
 
 
 # ---- argument checks: the native wrappers' (csrc/common.h), same exception types and messages ---
@@ -269,12 +271,25 @@ def fa_loss_backward_kernel(grad, student, teacher, p, eps, output_mask):
     )
 
 
+def _pixel_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a [B, C, N], b [Bz, N, k]: partial products over chunks of PIXEL_CHUNK pixels,
+    summed in float64 (as the native kernels sum their pixel blocks), in a's dtype: a float32
+    sum over N ~ 1e5 terms would lose about three digits."""
+    n, chunk = a.shape[-1], PIXEL_CHUNK
+    if n <= chunk:
+        return a @ b
+    pad, wide = -n % chunk, _wide(a.device)
+    a = torch.nn.functional.pad(a, (0, pad)).unflatten(-1, (-1, chunk)).transpose(1, 2)
+    b = torch.nn.functional.pad(b, (0, 0, 0, pad)).unflatten(1, (-1, chunk))
+    return (a @ b).sum(dim=1, dtype=wide).to(a.dtype)
+
+
 # ---- FFA -----------------------------------------------------------------------------------------
 def _ffa_forward(student, teacher, z, p, eps):
     us, ut = unit_pixels(student, eps), unit_pixels(teacher, eps)
     n, k = us.shape[-1], z.shape[-1]
     z = z.to(us.dtype)
-    p_s, p_t = us @ z, ut @ z
+    p_s, p_t = _pixel_matmul(us, z), _pixel_matmul(ut, z)
     y = us.mT @ p_s - ut.mT @ p_t
     f = y.abs() if p == 1 else y.square()
     loss = f.sum(dim=(1, 2), dtype=_wide(y.device)) / (k * n * n)
@@ -314,7 +329,7 @@ def ffa_loss_backward_kernel(grad, student, teacher, projection, y, p_s, p_t, p,
 
     def side(x, proj, sign):
         u, backward = _unit_pixels_and_backward(x, eps)
-        return backward(sign * (proj @ g.mT + (u @ g) @ z.mT))
+        return backward(sign * (proj @ g.mT + _pixel_matmul(u, g) @ z.mT))
 
     return (
         side(student, p_s, 1.0) if want_s else student.new_empty(0),
