@@ -176,6 +176,8 @@ METHOD_HELP = {
     "reference_ffa_compiled": "torch.compile of it",
     "reference_fa": "ffa.reference.fa_loss: the paper's formulation, B x N x N matrices",
     "reference_fa_compiled": "torch.compile of it",
+    "portable_ffa": "ffa_ffa on ffa's portable path (FFA_BACKEND=portable; only when named)",
+    "portable_fa": "ffa_fa on ffa's portable path (row-blocked torch ops; only when named)",
     "keops_fa": "pykeops LazyTensor exact FA (when pykeops imports)",
 }
 
@@ -229,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--methods",
         default=None,
-        help="comma-separated method names (below; default: all, keops_fa only when pykeops "
-        "imports)",
+        help="comma-separated method names (below; default: all but the portable ones, keops_fa "
+        "only when pykeops imports)",
     )
     ap.add_argument(
         "--p",
@@ -364,7 +366,11 @@ def _resolve(a) -> Config:
     ps = _int_list(a.p, "--p", choices={1, 2})
     ks = _int_list(str(d["ks"]), "--ks")
     if a.methods is None:
-        methods = QUICK_METHODS.split(",") if a.quick else list(METHODS)
+        methods = (
+            QUICK_METHODS.split(",")
+            if a.quick
+            else [name for name, m in METHODS.items() if not m.opt_in]
+        )
     else:
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
