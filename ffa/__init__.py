@@ -8,6 +8,19 @@ from .modules import FastFeatureAffinityLoss, FeatureAffinityLoss
 
 __version__ = "0.1.0"
 
+
+def show_config() -> str:
+    """What ffa is running, as text for bug reports: the report of ``python -m ffa.info``.
+
+    Versions (ffa, the torch it was built against and the running one, Python), the CPU kernels'
+    instruction set and BLAS, threads, whether CUDA kernels were built and load, the GPUs, and for
+    each ``torch.ops.ffa`` op and device the implementation that runs (native or portable).
+    """
+    from .info import show_config as _show_config  # imported on use: ``python -m ffa.info`` runs it
+
+    return _show_config()
+
+
 __all__ = [
     "feature_affinity_loss",
     "fast_feature_affinity_loss",
@@ -17,4 +30,5 @@ __all__ = [
     "FeatureHooks",
     "ops",
     "reference",
+    "show_config",
 ]

@@ -1,0 +1,136 @@
+"""python -m ffa.info / ffa.show_config(): the diagnostics report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ffa
+import ffa.info
+from ffa import _C
+
+SECTIONS = ("ffa", "CPU kernels", "CUDA kernels", "GPUs (torch.cuda)", "Ops (")
+
+
+def _run(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
+    # From an empty folder: a source tree's ffa/ in the current directory could shadow the installed
+    # package (python -m puts the current directory first on sys.path).
+    full_env = {k: v for k, v in os.environ.items() if k != "FFA_BACKEND"}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _op_rows(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in text.splitlines() if "  ffa::" in line}
+
+
+def test_module_runs_and_matches_show_config(tmp_path):
+    run = _run(["-m", "ffa.info"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    for section in SECTIONS:
+        assert any(line.startswith(section) for line in run.stdout.splitlines()), section
+    assert "error:" not in run.stdout, run.stdout
+    shown = _run(["-c", "import ffa; print(ffa.show_config())"], tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == run.stdout
+
+
+def test_runtime_facts_from_the_native_module():
+    assert _C.cpu_capability() in ("avx512", "avx2", "base")
+    assert _C.blas().startswith(("MKL", "ATen"))
+    text = ffa.show_config()
+    assert f"vector ISA: {_C.cpu_capability()}" in text
+    assert _C.blas() in text
+    assert torch.__version__ in text
+    assert ffa.__version__ in text
+
+
+def test_build_config_is_installed():
+    from ffa import _build_config as cfg
+
+    assert cfg.torch_version  # configure_file filled it in
+    assert isinstance(cfg.cuda, bool)
+    assert cfg.cuda == any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in ffa.info._op_names()
+    )
+    if not cfg.cuda:
+        assert cfg.cuda_skipped_because in ffa.show_config()
+
+
+def test_op_table_lists_every_op_native_on_cpu(monkeypatch):
+    monkeypatch.delenv("FFA_BACKEND", raising=False)
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ffa::"))
+    assert "ffa::fa_loss" in ops and "ffa::fake_quantize_backward" in ops
+    text = ffa.show_config()
+    header = next(line.split() for line in text.splitlines() if line.strip().startswith("op "))
+    assert header[:3] == ["op", "cpu", "cuda"]
+    rows = _op_rows(text)
+    assert sorted(rows) == ops
+    for op, cells in rows.items():
+        assert cells[0] == "native", (op, cells)
+    assert "FFA_BACKEND=unset" in text
+
+
+def test_backend_portable_shows_as_forced(monkeypatch):
+    monkeypatch.setenv("FFA_BACKEND", "portable")
+    text = ffa.show_config()
+    assert "FFA_BACKEND=portable: the portable path is forced" in text
+    rows = _op_rows(text)
+    for op, cells in rows.items():
+        portable = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd")
+        # Forced onto the portable kernel where one is registered; nothing runs where none is.
+        assert cells[0] == ("portable" if portable else "none"), (op, cells)
+
+
+def test_environment_settings_in_subprocess(tmp_path):
+    # FFA_QUANT_ISA=base lowers the kernels' ISA; the report shows the choice the kernels made.
+    run = _run(["-m", "ffa.info"], tmp_path, FFA_BACKEND="portable", FFA_QUANT_ISA="base")
+    assert run.returncode == 0, run.stderr
+    assert "FFA_BACKEND=portable: the portable path is forced on every device" in run.stdout
+    assert "vector ISA: base (FFA_QUANT_ISA=base)" in run.stdout
+
+
+def test_unknown_backend_value_is_named(monkeypatch):
+    monkeypatch.setenv("FFA_BACKEND", "fastest")
+    assert "FFA_BACKEND='fastest': not a known value" in ffa.show_config()
+
+
+@pytest.mark.parametrize("probe", ["_cpu_capability", "_build_config", "_op_names", "_gpus"])
+def test_a_broken_probe_prints_one_error_line_and_exits_0(monkeypatch, capsys, probe):
+    def boom(*args, **kwargs):
+        raise RuntimeError("probe exploded\nsecond line")
+
+    monkeypatch.setattr(ffa.info, probe, boom)
+    assert ffa.info.main() == 0
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if "error: RuntimeError: probe exploded" in line]
+    assert errors, out
+    assert all("second line" in line for line in errors)  # the message is kept on one line
+    for section in SECTIONS:  # every other section still prints
+        assert any(line.startswith(section) for line in out.splitlines()), section
+
+
+def test_main_survives_show_config_failing(monkeypatch, capsys):
+    def boom():
+        raise ValueError("everything failed")
+
+    monkeypatch.setattr(ffa.info, "show_config", boom)
+    assert ffa.info.main() == 0
+    assert capsys.readouterr().out.strip() == "error: ValueError: everything failed"
+
+
+def test_cuda_arch_matching():
+    arch = ffa.info._arch_numbers
+    assert arch("80;90") == [(80, "both"), (90, "both")]
+    assert arch("90a-real;80-virtual") == [(90, "real"), (80, "virtual")]
