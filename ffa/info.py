@@ -49,7 +49,11 @@ def _build_config():
 def _ffa_version() -> str:
     from . import __version__
 
-    return f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"
+    text = f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"
+    built = _build_config().version
+    if built and built != __version__:
+        text += f"  <- the native module was built from ffa {built}: rebuild ffa"
+    return text
 
 
 def _built_with() -> str:

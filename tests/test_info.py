@@ -130,7 +130,36 @@ def test_main_survives_show_config_failing(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "error: ValueError: everything failed"
 
 
+def test_mismatched_builds_are_flagged(monkeypatch):
+    from ffa import _build_config as real
+
+    fake = type(sys)("fake_build_config")
+    fake.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
+    fake.torch_version, fake.version = "2.9.0", "0.0.1"
+    monkeypatch.setattr(ffa.info, "_build_config", lambda: fake)
+    text = ffa.show_config()
+    assert "NOT the torch ffa was built against (2.9.0): rebuild ffa" in text
+    assert "built from ffa 0.0.1: rebuild ffa" in text
+
+
 def test_cuda_arch_matching():
     arch = ffa.info._arch_numbers
     assert arch("80;90") == [(80, "both"), (90, "both")]
     assert arch("90a-real;80-virtual") == [(90, "real"), (80, "virtual")]
+
+
+@pytest.mark.parametrize(
+    ("archs", "cc", "expected"),
+    [
+        ("80;90", (8, 6), "ffa kernels: yes"),
+        ("80;90", (9, 0), "ffa kernels: yes"),
+        ("80;90", (10, 0), "ffa kernels: PTX"),
+        ("90-real", (10, 0), "ffa kernels: NO code for sm_100"),
+        ("80;90", (7, 5), "ffa kernels: NO code for sm_75"),
+    ],
+)
+def test_gpu_coverage_by_the_built_architectures(monkeypatch, archs, cc, expected):
+    fake = type(sys)("fake_build_config")
+    fake.cuda, fake.cuda_architectures = True, archs
+    monkeypatch.setattr(ffa.info, "_build_config", lambda: fake)
+    assert ffa.info._image_for(cc).startswith(expected)
