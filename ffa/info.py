@@ -211,11 +211,10 @@ def _implementation(op: str, device: str, forced: bool) -> str:
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     native = has(op, _DISPATCH_KEY[device])
     portable = any(has(op, k) for k in _PORTABLE_KEYS)
-    if not portable:
-        return "native" if native and not forced else "none"
-    if forced and native:
+    if native and portable and forced:
         return "portable (forced)"
-    return "native" if native else "portable"
+    # FFA_BACKEND=portable cannot move an op that has no portable kernel: its native kernel runs.
+    return "native" if native else "portable" if portable else "none"
 
 
 def _op_table() -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def _run(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
 
 
 def _op_rows(text: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split()[1:] for line in text.splitlines() if "  ffa::" in line}
+    rows = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if "  ffa::" in line]
+    return {r[0]: r[1:] for r in rows}
 
 
 def test_module_runs_and_matches_show_config(tmp_path):
@@ -89,8 +91,8 @@ def test_backend_portable_shows_as_forced(monkeypatch):
     rows = _op_rows(text)
     for op, cells in rows.items():
         portable = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd")
-        # Forced onto the portable kernel where one is registered; nothing runs where none is.
-        assert cells[0] == ("portable" if portable else "none"), (op, cells)
+        # Forced onto the portable kernel where one is registered; the native one runs otherwise.
+        assert cells[0] == ("portable (forced)" if portable else "native"), (op, cells)
 
 
 def test_environment_settings_in_subprocess(tmp_path):
@@ -99,6 +101,37 @@ def test_environment_settings_in_subprocess(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "FFA_BACKEND=portable: the portable path is forced on every device" in run.stdout
     assert "vector ISA: base (FFA_QUANT_ISA=base)" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def scratch_ops():
+    """Ops registered the way ffa's are: a native CPU kernel plus (or not) a portable default."""
+    lib = torch.library.Library("ffa_info_test", "DEF")
+    for name in ("both", "native_only", "portable_only"):
+        lib.define(f"{name}(Tensor x) -> Tensor")
+    lib.impl("both", lambda x: x, "CPU")
+    lib.impl("both", lambda x: x, "CompositeExplicitAutograd")
+    lib.impl("native_only", lambda x: x, "CPU")
+    lib.impl("portable_only", lambda x: x, "CompositeExplicitAutograd")
+    yield "ffa_info_test::"
+    lib._destroy()
+
+
+@pytest.mark.parametrize(
+    ("op", "forced", "cpu", "cuda"),
+    [
+        ("both", False, "native", "portable"),
+        ("both", True, "portable (forced)", "portable"),
+        ("native_only", False, "native", "none"),
+        ("native_only", True, "native", "none"),
+        ("portable_only", False, "portable", "portable"),
+        ("portable_only", True, "portable", "portable"),
+    ],
+)
+def test_implementation_per_device(scratch_ops, op, forced, cpu, cuda):
+    impl = ffa.info._implementation
+    assert impl(scratch_ops + op, "cpu", forced) == cpu
+    assert impl(scratch_ops + op, "cuda", forced) == cuda
 
 
 def test_unknown_backend_value_is_named(monkeypatch):
