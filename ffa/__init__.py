@@ -1,12 +1,30 @@
 """ffa: fused kernels for feature-affinity knowledge distillation and low-bit QAT."""
 
-from . import reference
-from ._ops import ops
-from .distill import FAQDLoss, FeatureHooks
-from .functional import fast_feature_affinity_loss, feature_affinity_loss
-from .modules import FastFeatureAffinityLoss, FeatureAffinityLoss
+import sys as _sys
 
 __version__ = "0.1.0"
+
+
+def _running_info() -> bool:
+    """Whether this process is ``python -m ffa.info`` (runpy imports the package first)."""
+    argv = getattr(_sys, "orig_argv", [])
+    return "-mffa.info" in argv or any(
+        a == "-m" and argv[i + 1 : i + 2] == ["ffa.info"] for i, a in enumerate(argv)
+    )
+
+
+try:
+    from ._ops import ops
+except ImportError:
+    # A native module that does not load (torch upgraded after the build, a missing library) is
+    # what `python -m ffa.info` must be able to report: there, and only there, import no further.
+    if not _running_info():
+        raise
+else:
+    from . import reference
+    from .distill import FAQDLoss, FeatureHooks
+    from .functional import fast_feature_affinity_loss, feature_affinity_loss
+    from .modules import FastFeatureAffinityLoss, FeatureAffinityLoss
 
 
 def show_config() -> str:

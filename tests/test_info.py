@@ -48,6 +48,24 @@ def test_module_runs_and_matches_show_config(tmp_path):
     assert shown.stdout == run.stdout
 
 
+def test_reports_a_native_module_that_does_not_load(tmp_path):
+    # The case a bug report most needs: ffa._C fails to import (e.g. torch upgraded after the
+    # build). `import ffa` still raises; `python -m ffa.info` reports the error and exits 0.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['ffa._C'] = None\n")
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    run = _run(["-m", "ffa.info"], tmp_path, PYTHONPATH=pythonpath)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    native = next(line for line in lines if line.strip().startswith("native:"))
+    assert "error: ModuleNotFoundError: import of ffa._C halted" in native
+    assert "vector ISA: error: ModuleNotFoundError" in run.stdout
+    assert any("torch:" in line and torch.__version__ in line for line in lines)
+    for section in SECTIONS:
+        assert any(line.startswith(section) for line in lines), section
+    plain = _run(["-c", "import ffa"], tmp_path, PYTHONPATH=pythonpath)
+    assert plain.returncode != 0 and "ImportError" in plain.stderr
+
+
 def test_runtime_facts_from_the_native_module():
     assert _C.cpu_capability() in ("avx512", "avx2", "base")
     assert _C.blas().startswith(("MKL", "ATen"))
