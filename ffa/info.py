@@ -50,9 +50,9 @@ def _build_config():
 
 
 def _native() -> object:
-    """ffa._C, or the error that stopped it from loading."""
+    """ffa._C; without it, an error that points at the 'native:' line (which shows the cause)."""
     if _C is None:
-        raise _C_ERROR
+        raise ImportError("ffa._C did not load (see 'native:' above)")
     return _C
 
 
@@ -92,7 +92,9 @@ def _torch_running() -> str:
 
 
 def _native_module() -> str:
-    return f"loaded ({os.path.basename(_native().__file__)})"
+    if _C is None:
+        raise _C_ERROR
+    return f"loaded ({os.path.basename(_C.__file__)})"
 
 
 def _python() -> str:
