@@ -40,6 +40,12 @@
 #include "cpu/pixels.h"
 
 namespace ffa::cpu {
+
+const char* blas_name() {
+  return detail::use_fortran_blas() ? "MKL sgemm_/dgemm_ (called directly)"
+                                    : "ATen addmm (torch's BLAS)";
+}
+
 namespace {
 
 constexpr int64_t kTile = 256;
