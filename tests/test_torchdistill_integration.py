@@ -441,13 +441,29 @@ def test_adapters_relu_bias_options_and_errors():
 
 
 # ---- the registration module without torchdistill ----------------------------------------------
-def test_import_without_torchdistill_names_the_fix(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchdistill", None)  # import torchdistill -> ImportError
-    for name in [n for n in sys.modules if n.startswith("torchdistill.")]:
-        monkeypatch.setitem(sys.modules, name, None)
+class _BrokenTorchdistill:
+    """A meta-path finder under which importing torchdistill fails as a torchvision built for
+    another torch makes it fail (a RuntimeError, not an ImportError)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchdistill" or name.startswith("torchdistill."):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+@pytest.mark.parametrize("how", ["missing", "broken"])
+def test_import_without_torchdistill_names_the_fix(monkeypatch, how):
+    for name in [n for n in sys.modules if n == "torchdistill" or n.startswith("torchdistill.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if how == "missing":
+        monkeypatch.setitem(sys.modules, "torchdistill", None)  # import torchdistill -> ImportError
+    else:
+        monkeypatch.setattr(sys, "meta_path", [_BrokenTorchdistill(), *sys.meta_path])
     monkeypatch.delitem(sys.modules, "ffa.integrations.torchdistill", raising=False)
-    with pytest.raises(ImportError, match=r"needs torchdistill.*pip install"):
+    with pytest.raises(ImportError, match=r"needs torchdistill.*pip install") as info:
         importlib.import_module("ffa.integrations.torchdistill")
+    if how == "broken":
+        assert "torchvision::nms" in str(info.value)
     monkeypatch.delitem(sys.modules, "ffa.integrations.torchdistill", raising=False)
 
 

@@ -26,7 +26,8 @@ try:
     from torchdistill.models.registry import register_auxiliary_model_wrapper
     from torchdistill.models.util import wrap_if_distributed
     from torchdistill.models.wrapper import AuxiliaryModelWrapper
-except ImportError as e:  # torchdistill missing, or one that cannot import (e.g. no torchvision)
+except Exception as e:  # missing, or failing to import (a torchvision built for another torch
+    # raises RuntimeError, not ImportError): either way the fix is an install.
     raise ImportError(
         "ffa.integrations.torchdistill needs torchdistill (>= 1.1.5, which needs torch >= 2.12 "
         "and torchvision >= 0.27): pip install 'torchdistill>=1.1.5' (or pip install "
