@@ -94,6 +94,7 @@ def test_warning_says_how_to_get_cuda_kernels():
 def test_forced_backend_runs_portable_kernels(monkeypatch):
     """FFA_BACKEND=portable is read at call time and reaches every call: autograd, inference
     mode, compiled graphs. Meta tensors still take the fake kernels."""
+    monkeypatch.delenv("FFA_BACKEND", raising=False)
     blocks = []  # calls of the blocked FA loop, which only the portable kernel runs
     monkeypatch.setattr(portable, "_fa_tiled", _recording(portable._fa_tiled, blocks))
     s, t = make_pair(2, 4, 3, 5, 5)
