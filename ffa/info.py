@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from ._backend import backend
+
 try:
     from . import _C
 except ImportError as e:  # reported by the probes below (only `python -m ffa.info` gets here)
@@ -220,11 +222,6 @@ def _devices() -> list[str]:
     return devices
 
 
-def backend_setting() -> str:
-    """The FFA_BACKEND environment variable, lower-cased ("" when unset); read at call time."""
-    return os.environ.get("FFA_BACKEND", "").strip().lower()
-
-
 def _implementation(op: str, device: str, forced: bool) -> str:
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     native = has(op, _DISPATCH_KEY[device])
@@ -236,16 +233,18 @@ def _implementation(op: str, device: str, forced: bool) -> str:
 
 
 def _op_table() -> list[str]:
-    setting = backend_setting()
-    forced = setting == "portable"
-    if forced:
-        head = "FFA_BACKEND=portable: the portable path is forced on every device"
-    elif setting in ("", "native"):
-        head = (
-            f"FFA_BACKEND={setting or 'unset'}: native kernels where registered, portable elsewhere"
-        )
+    setting = os.environ.get("FFA_BACKEND")
+    try:
+        forced = backend() == "portable"
+    except ValueError as e:  # every op call raises it too
+        forced, head = False, f"{e}: ffa ops raise until it is fixed"
     else:
-        head = f"FFA_BACKEND={setting!r}: not a known value (expected 'portable' or 'native')"
+        head = (
+            "FFA_BACKEND=portable: the portable path is forced on every device"
+            if forced
+            else f"FFA_BACKEND={setting or 'unset'}: native kernels where registered, portable "
+            "elsewhere"
+        )
     _native()  # without ffa._C no op is registered
     devices = _devices()
     ops = _op_names()
