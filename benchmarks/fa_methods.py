@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ import harness
 class Method:
     name: str
     family: str  # "fa" (exact) or "ffa" (randomized)
-    impl: str  # "reference", "ffa", "keops"
+    impl: str  # "reference", "ffa", "portable" (ffa with FFA_BACKEND=portable), "keops"
     compiled: bool = False
+    opt_in: bool = False  # measured only when named in --methods
 
     def label(self, p: int) -> str:
         base = {
@@ -33,6 +35,8 @@ class Method:
             ("keops", "fa"): "pykeops FA",
             ("reference", "ffa"): "reference FFA",
             ("ffa", "ffa"): "ffa FFA",
+            ("portable", "fa"): "ffa portable FA",
+            ("portable", "ffa"): "ffa portable FFA",
         }[(self.impl, self.family)]
         if self.compiled:
             base = "compiled " + base
@@ -40,7 +44,7 @@ class Method:
 
     def time_exponent(self, p: int) -> int:
         """How a run's time grows with N."""
-        if self.family == "ffa" or (self.impl == "ffa" and p == 2):
+        if self.family == "ffa" or (self.impl in ("ffa", "portable") and p == 2):
             return 1
         return 2
 
@@ -57,6 +61,8 @@ METHODS = {
         Method("reference_ffa_compiled", "ffa", "reference", compiled=True),
         Method("reference_fa", "fa", "reference"),
         Method("reference_fa_compiled", "fa", "reference", compiled=True),
+        Method("portable_ffa", "ffa", "portable", opt_in=True),
+        Method("portable_fa", "fa", "portable", opt_in=True),
         Method("keops_fa", "fa", "keops"),
     ]
 }
@@ -122,7 +128,11 @@ def _loss_fn(method: str, p: int, compile_mode: str):
     from ffa import reference
 
     m = METHODS[method]
-    if m.impl == "ffa":
+    if m.impl in ("ffa", "portable"):
+        if m.impl == "portable":  # read by ffa at every call; the worker runs one case at a time
+            os.environ["FFA_BACKEND"] = "portable"
+        else:
+            os.environ.pop("FFA_BACKEND", None)
         if m.family == "fa":
             return lambda s, t, z: ffa.feature_affinity_loss(s, t, p=p)
         return lambda s, t, z: ffa.fast_feature_affinity_loss(s, t, p=p, projection=z)
@@ -307,6 +317,8 @@ def predict_bytes(m: Method, p, batch, channels, n, k, mode, elem=4) -> int:
         return mats * batch * n * n * elem + 6 * lin
     if m.family == "ffa":
         return 8 * lin + 8 * batch * n * k * elem
+    if m.impl == "portable":  # float64 gradient sums, unit pixels, 64 MiB of row blocks
+        return 16 * lin + (64 << 20)
     return 8 * lin + (64 << 20)  # ffa/keops exact FA: O(N C) plus per-thread tiles
 
 

@@ -23,6 +23,8 @@ STYLE = {  # method -> (colour, label)
     "reference_fa_compiled": ("tab:orange", "compiled reference FA"),
     "reference_ffa": ("tab:purple", "reference FFA"),
     "reference_ffa_compiled": ("tab:pink", "compiled reference FFA"),
+    "portable_fa": ("tab:cyan", "ffa portable FA"),
+    "portable_ffa": ("tab:olive", "ffa portable FFA"),
     "keops_fa": ("tab:brown", "pykeops FA"),
 }
 LINESTYLE = {1: "-", 2: "--"}

@@ -176,6 +176,8 @@ METHOD_HELP = {
     "reference_ffa_compiled": "torch.compile of it",
     "reference_fa": "ffa.reference.fa_loss: the paper's formulation, B x N x N matrices",
     "reference_fa_compiled": "torch.compile of it",
+    "portable_ffa": "ffa_ffa on ffa's portable path (FFA_BACKEND=portable; only when named)",
+    "portable_fa": "ffa_fa on ffa's portable path (row-blocked torch ops; only when named)",
     "keops_fa": "pykeops LazyTensor exact FA (when pykeops imports)",
 }
 
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sweep", *SUITES],
         default="sweep",
         help="sweep (default): the resolution sweep; targets: the headline cases with their "
-        "numbers to reach (writes targets.csv/json)",
+        "numbers to reach (writes targets.csv/json); portable: the portable path against the "
+        "native kernels and the references (writes portable.csv/json)",
     )
     ap.add_argument(
         "--device",
@@ -229,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--methods",
         default=None,
-        help="comma-separated method names (below; default: all, keops_fa only when pykeops "
-        "imports)",
+        help="comma-separated method names (below; default: all but the portable ones, keops_fa "
+        "only when pykeops imports)",
     )
     ap.add_argument(
         "--p",
@@ -364,7 +367,12 @@ def _resolve(a) -> Config:
     ps = _int_list(a.p, "--p", choices={1, 2})
     ks = _int_list(str(d["ks"]), "--ks")
     if a.methods is None:
-        methods = QUICK_METHODS.split(",") if a.quick else list(METHODS)
+        if a.quick:
+            methods = QUICK_METHODS.split(",")
+        elif a.config == "sweep":
+            methods = [name for name, m in METHODS.items() if not m.opt_in]
+        else:  # a named case list runs all of its cases
+            methods = list(METHODS)
     else:
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -1148,7 +1156,50 @@ def _cases_targets():
     ]
 
 
+def _cases_portable():
+    c = 64
+    return [
+        CaseSpec("portable_fa", 1, 4, c, 64, 64, 15, name="fa1_64_portable"),
+        CaseSpec("ffa_fa", 1, 4, c, 64, 64, 15, name="fa1_64_ffa"),
+        CaseSpec("reference_fa_compiled", 1, 4, c, 64, 64, 15, name="fa1_64_compiled"),
+        CaseSpec("portable_fa", 1, 2, c, 256, 256, 15, name="fa1_256_portable", repeats=1),
+        CaseSpec("ffa_fa", 1, 2, c, 256, 256, 15, name="fa1_256_ffa", repeats=1),
+        CaseSpec("reference_fa", 1, 2, c, 256, 256, 15, name="fa1_256_reference", repeats=1),
+        CaseSpec("portable_ffa", 1, 8, c, 128, 128, 15, name="ffa_128_portable"),
+        CaseSpec("ffa_ffa", 1, 8, c, 128, 128, 15, name="ffa_128_ffa"),
+        CaseSpec("reference_ffa_compiled", 1, 8, c, 128, 128, 15, name="ffa_128_compiled"),
+    ]
+
+
+def _portable_targets():
+    pairs = [
+        ("exact FA p=1, B=4, C=64, 64x64", "fa1_64"),
+        ("exact FA p=1, B=2, C=64, 256x256", "fa1_256"),
+        ("FFA p=1, B=8, C=64, 128x128, k=15", "ffa_128"),
+    ]
+    out = []
+    for text, case in pairs:
+        out.append(Target(f"{text}: native vs portable", "time", f"{case}_ffa", f"{case}_portable"))
+        other = "reference" if case == "fa1_256" else "compiled"
+        for metric in ("time", "memory"):
+            out.append(
+                Target(
+                    f"{text}: portable vs {other} reference ({metric})",
+                    metric,
+                    f"{case}_portable",
+                    f"{case}_{other}",
+                )
+            )
+    return out
+
+
 SUITES = {
+    "portable": dict(
+        cases=_cases_portable,
+        targets=_portable_targets(),
+        note="ffa's portable path (FFA_BACKEND=portable) against its native kernels and the "
+        "references: fwd+bwd, median of 5 runs (the 256x256 cases: 1 run), static torch.compile",
+    ),
     "targets": dict(
         cases=_cases_targets,
         targets=[

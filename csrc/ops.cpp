@@ -5,6 +5,8 @@
 // one build serves every torch from 2.10 on (see CMakeLists.txt).
 #include <Python.h>
 
+#include <exception>
+
 #include "stable.h"
 
 STABLE_TORCH_LIBRARY(ffa, m) {
@@ -68,7 +70,34 @@ STABLE_TORCH_LIBRARY(ffa, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-// A tiny Python module (limited API): importing ffa._C runs the static registrations above.
-// No pybind11.
-static PyModuleDef ffa_module = {PyModuleDef_HEAD_INIT, "_C", "ffa native ops", -1, nullptr};
+// Run-time choices of the CPU kernels, named where they are made.
+namespace ffa::cpu {
+const char* blas_name();  // cpu/blas.h
+namespace quant {
+const char* isa_name();  // cpu/quant_cpu.cpp
+}  // namespace quant
+}  // namespace ffa::cpu
+
+// A tiny Python module (limited API): importing ffa._C runs the static registrations above. No
+// pybind11. Its functions report run-time facts for `python -m ffa.info` (ffa/info.py); they use
+// the limited CPython API only and no torch types.
+namespace {
+PyObject* name_or_error(const char* (*fn)()) {
+  try {
+    return PyUnicode_FromString(fn());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+PyObject* cpu_capability(PyObject*, PyObject*) { return name_or_error(&ffa::cpu::quant::isa_name); }
+PyObject* blas(PyObject*, PyObject*) { return name_or_error(&ffa::cpu::blas_name); }
+PyMethodDef ffa_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction set of the CPU kernels' vector loops chosen at run time: "
+     "'avx512', 'avx2' or 'base' (FFA_QUANT_ISA can lower it)."},
+    {"blas", blas, METH_NOARGS, "The GEMM the CPU kernels call."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+static PyModuleDef ffa_module = {PyModuleDef_HEAD_INIT, "_C", "ffa native ops", -1, ffa_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ffa_module); }

@@ -427,3 +427,19 @@ def philox_seed_offset(generator: torch.Generator, numel: int) -> tuple[int, int
         return (seed - (1 << 64) if seed >= (1 << 63) else seed), offset
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
     return seed, 0
+
+
+# ---- portable kernels (ffa/portable.py): devices without native kernels, FFA_BACKEND=portable ----
+# philox_probes is a host op (the CPU kernel draws Z for every device): it needs none.
+from . import portable  # noqa: E402  (it uses compute_dtype and ops, defined above)
+from ._backend import register_portable  # noqa: E402
+
+for _name in (
+    "fa_loss",
+    "fa_loss_backward",
+    "ffa_loss",
+    "ffa_loss_backward",
+    "ffa_loss_philox",
+    "ffa_loss_philox_backward",
+):
+    register_portable(_name, getattr(portable, f"{_name}_kernel"))

@@ -15,6 +15,7 @@
 #   build     pip install --no-build-isolation --no-deps --no-index --target WORK/site with
 #             FFA_CUDA=ON and CMAKE_CUDA_ARCHITECTURES = this GPU's arch only, on all cores; the
 #             system packages are untouched. A failure stops the run (log tail in summary.md).
+#             Then the import check and `python -m ffa.info` (in setup.log), from an empty folder.
 #   tests     every CUDA case (tests/test_cuda_*.py and the CUDA cases of every other file, chosen
 #             by tools/pytest_cuda_only.py) with pytest-xdist and a per-test timeout; run from an
 #             empty folder, so the source tree's ffa/ cannot shadow the built one
@@ -272,7 +273,9 @@ print(f"import check: CUDA kernels registered: {has}")
 assert not need_cuda or all(has.values()), "the CUDA kernels are not registered"
 '
 import_check() { # NEED_CUDA(0|1): the built ffa imports from SITE (not the source tree)
-  (cd "$RUN" && PYTHONPATH="$SITE" "$PY" -c "$IMPORT_CHECK_PY" "$SITE" "$1")
+  (cd "$RUN" && PYTHONPATH="$SITE" "$PY" -c "$IMPORT_CHECK_PY" "$SITE" "$1") || return
+  # What the built ffa runs, for the record (python -m ffa.info exits 0 whatever it finds).
+  (cd "$RUN" && PYTHONPATH="$SITE" "$PY" -m ffa.info) || true
 }
 # compile_kernels ARCH LIMIT: every csrc/cuda/*.cu with the flags CMake passes for
 # CMAKE_CUDA_ARCHITECTURES=ARCH (Release -O3 -DNDEBUG, the target's -O3 -lineinfo), in parallel.

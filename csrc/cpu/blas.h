@@ -40,6 +40,9 @@ inline bool use_fortran_blas() {
 }
 }  // namespace detail
 
+// The GEMM that gemm() runs, named for `python -m ffa.info` (defined in cpu/fa_cpu.cpp).
+const char* blas_name();
+
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {

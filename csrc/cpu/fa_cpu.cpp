@@ -35,6 +35,12 @@
 #include "cpu/pixels.h"
 
 namespace ffa::cpu {
+
+const char* blas_name() {
+  return detail::use_fortran_blas() ? "MKL sgemm_/dgemm_ (called directly)"
+                                    : "torch matmul (torch's BLAS, via the stable ABI)";
+}
+
 namespace {
 
 constexpr int64_t kTile = 256;

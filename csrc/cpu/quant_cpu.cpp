@@ -704,6 +704,18 @@ std::tuple<Tensor, Tensor, Tensor> fake_quantize_backward_cpu(
 
 }  // namespace
 
+// The loop ISA the kernels run with, named for `python -m ffa.info`: "avx512", "avx2" or "base".
+const char* isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "base";
+  }
+}
+
 STABLE_TORCH_LIBRARY_IMPL(ffa, CPU, m) {
   m.impl("quantize_weight", TORCH_BOX(&quantize_weight_cpu));
   m.impl("quant_relu", TORCH_BOX(&quant_relu_cpu));

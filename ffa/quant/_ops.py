@@ -235,3 +235,17 @@ class FakeQuantizeBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tgrad, *_):
         return _backward_op_jvp(ctx, ops.fake_quantize_backward, tgrad, 3, "fake_quantize_backward")
+
+
+# ---- portable kernels (ffa/quant/portable.py): devices without native kernels, FFA_BACKEND ------
+from .._backend import register_portable  # noqa: E402
+from . import portable  # noqa: E402
+
+for _name in (
+    "quantize_weight",
+    "quant_relu",
+    "quant_relu_backward",
+    "fake_quantize",
+    "fake_quantize_backward",
+):
+    register_portable(_name, getattr(portable, _name))
