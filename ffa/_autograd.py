@@ -101,7 +101,18 @@ def registers_autograd(op: str):
         # torch.autograd.Function.apply would route through functorch's custom_function_call,
         # which expects a call from Python above the dispatcher; inside an Autograd kernel the
         # single-level apply (what a C++ autograd kernel does) records the node at this level.
-        apply = super(torch.autograd.Function, function).apply
+        # The node's class is a _SingleLevelFunction with the same methods: from torch 2.14 on the
+        # apply of any autograd.Function subclass itself routes through custom_function_call under
+        # torch.func transforms (as functorch's own generated single-level Functions do not).
+        single = type(
+            function.__name__,
+            (torch.autograd.function._SingleLevelFunction,),
+            {
+                name: staticmethod(getattr(function, name))
+                for name in ("forward", "setup_context", "backward", "jvp")
+            },
+        )
+        apply = single.apply
 
         def autograd_kernel(*args):
             if not _needs_autograd(args):
