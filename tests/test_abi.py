@@ -58,3 +58,16 @@ def test_audit_flags_torch_cxx_symbols():
     ]
     caught = [d for m, d in flagged if m.startswith("_Z") and check_abi._TORCH_CXX.search(d)]
     assert caught == [_AT_SYMBOL]
+
+
+def test_older_torch_is_refused_by_name(tmp_path):
+    """Under a torch older than the stable-ABI target, `import ffa` names the version it needs."""
+    import subprocess
+
+    code = "import torch; torch.__version__ = '2.9.1+cu128'; import ffa"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "ImportError: ffa needs torch >= 2.10" in proc.stderr, proc.stderr[-2000:]
+    assert "found torch 2.9.1+cu128" in proc.stderr
