@@ -4,8 +4,8 @@ They have the native ops' exact signatures and contracts (schemas in csrc/ops.cp
 runs them for a device that has no native ffa kernel (they are the ops' CompositeExplicitAutograd
 kernels, ffa/_ops.py), and ``FFA_BACKEND=portable`` runs them on every device. Same definitions,
 argument checks and accumulation dtypes as the native kernels: unit pixels scale-safe in the
-compute dtype (float32 for float16/bfloat16, float64 for float64), loss sums, cross-block
-gradient sums, the FA p=2 Gram form and the unit pixels' backward in float64 (float32 on MPS,
+compute dtype (float32 for float16/bfloat16, float64 for float64), loss sums, cross-block and
+cross-chunk sums, the FA p=2 Gram form and the unit pixels' backward in float64 (float32 on MPS,
 which has no float64).
 
 Memory: exact FA (p=1, and p=2 when N < Cs + Ct) walks D in row blocks, D[I, J] for J >= I (D is
@@ -279,8 +279,9 @@ def _pixel_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n <= chunk:
         return a @ b
     pad, wide = -n % chunk, _wide(a.device)
-    a = torch.nn.functional.pad(a, (0, pad)).unflatten(-1, (-1, chunk)).transpose(1, 2)
-    b = torch.nn.functional.pad(b, (0, 0, 0, pad)).unflatten(1, (-1, chunk))
+    if pad:
+        a, b = torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, 0, 0, pad))
+    a, b = a.unflatten(-1, (-1, chunk)).transpose(1, 2), b.unflatten(1, (-1, chunk))
     return (a @ b).sum(dim=1, dtype=wide).to(a.dtype)
 
 
