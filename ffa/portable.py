@@ -147,14 +147,21 @@ def _unit_pixels_and_backward(x: torch.Tensor, eps: float):
     n = m n' and n + eps = m d'. The two terms nearly cancel when g is almost radial (always for
     one channel), so they are formed in float64, as the native kernels do.
     """
+    wide = _wide(x.device)
 
     def backward(grad_u: torch.Tensor) -> torch.Tensor:
-        xs, norm, eps_m, m = _scaled_pixels(x.to(_wide(x.device)), eps)
-        d = norm + eps_m
-        u, g = xs / d, grad_u.to(xs.dtype)
-        radial = u * (u * g).sum(dim=1, keepdim=True) / torch.where(norm > 0, norm, 1)
-        gx = (g / d - torch.where(norm > 0, radial, 0)) / m
-        return gx.reshape(x.shape).to(x.dtype).contiguous()
+        # by pixel chunks: their float64 temporaries stay within BLOCK_BYTES
+        b, c, n = grad_u.shape
+        out = torch.empty((b, c, n), dtype=x.dtype, device=x.device)
+        step = max(1, BLOCK_BYTES // (8 * 8 * max(b * c, 1)))
+        x3 = x.flatten(2)
+        for j0 in range(0, n, step):
+            xs, norm, eps_m, m = _scaled_pixels(x3[:, :, j0 : j0 + step].to(wide), eps)
+            d = norm + eps_m
+            u, g = xs / d, grad_u[:, :, j0 : j0 + step].to(wide)
+            radial = u * (u * g).sum(dim=1, keepdim=True) / torch.where(norm > 0, norm, 1)
+            out[:, :, j0 : j0 + step] = (g / d - torch.where(norm > 0, radial, 0)) / m
+        return out.reshape(x.shape)
 
     return unit_pixels(x, eps), backward
 
