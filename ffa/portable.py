@@ -142,28 +142,23 @@ def unit_pixels(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _unit_pixels_and_backward(x: torch.Tensor, eps: float):
     """(U [B,C,N], backward): backward(dL/dU) is dL/dx [B,C,H,W] in x's dtype, contiguous.
 
-    u = x / (n + eps) gives dL/dx = g / (n + eps) - u (u . g) / n, the second term 0 for an
-    all-zero pixel (the norm's subgradient there is 0, as torch's); in the scaled quantities
-    n = m n' and n + eps = m d'. The two terms nearly cancel when g is almost radial (always for
-    one channel), so they are formed in float64, as the native kernels do.
+    u = x / (n + eps) gives dL/dx = g / (n + eps) - v (v . g) n / (n + eps)^2, v = x / n the
+    pixel's direction (0 for an all-zero pixel: the norm's subgradient there is 0, as torch's).
+    The two terms nearly cancel when g is almost radial (always for one channel), so the form
+    evaluated is the cancellation-free (g - v s) / (n + eps) + v s eps / (n + eps)^2 with
+    s = v . g summed in float64, in the scaled quantities n = m n', eps = m eps'.
     """
-    wide = _wide(x.device)
+    xs, norm, eps_m, m = _scaled_pixels(x, eps)
+    d = norm + eps_m
 
     def backward(grad_u: torch.Tensor) -> torch.Tensor:
-        # by pixel chunks: their float64 temporaries stay within BLOCK_BYTES
-        b, c, n = grad_u.shape
-        out = torch.empty((b, c, n), dtype=x.dtype, device=x.device)
-        step = max(1, BLOCK_BYTES // (8 * 8 * max(b * c, 1)))
-        x3 = x.flatten(2)
-        for j0 in range(0, n, step):
-            xs, norm, eps_m, m = _scaled_pixels(x3[:, :, j0 : j0 + step].to(wide), eps)
-            d = norm + eps_m
-            u, g = xs / d, grad_u[:, :, j0 : j0 + step].to(wide)
-            radial = u * (u * g).sum(dim=1, keepdim=True) / torch.where(norm > 0, norm, 1)
-            out[:, :, j0 : j0 + step] = (g / d - torch.where(norm > 0, radial, 0)) / m
-        return out.reshape(x.shape)
+        g = grad_u.to(xs.dtype)
+        v = xs / torch.where(norm > 0, norm, 1)
+        s = (v * g).sum(dim=1, keepdim=True, dtype=_wide(x.device)).to(xs.dtype)
+        gx = ((g - v * s) / d + v * (s * eps_m / d.square())) / m
+        return gx.reshape(x.shape).to(x.dtype).contiguous()
 
-    return unit_pixels(x, eps), backward
+    return xs / d, backward
 
 
 # ---- exact FA, row-blocked -----------------------------------------------------------------------
