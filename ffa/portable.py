@@ -2,11 +2,11 @@
 
 They have the native ops' exact signatures and contracts (schemas in csrc/ops.cpp): the dispatcher
 runs them for a device that has no native ffa kernel (they are the ops' CompositeExplicitAutograd
-kernels, ffa/_ops.py), and ``FFA_BACKEND=portable`` runs them on every device. Same definitions,
-argument checks and accumulation dtypes as the native kernels: unit pixels scale-safe in the
-compute dtype (float32 for float16/bfloat16, float64 for float64), loss sums, cross-block and
-cross-chunk sums, the FA p=2 Gram form and the unit pixels' backward in float64 (float32 on MPS,
-which has no float64).
+kernels, registered by ffa/_backend.py), and ``FFA_BACKEND=portable`` runs them on every device.
+Same definitions, argument checks and accumulation dtypes as the native kernels: unit pixels
+scale-safe in the compute dtype (float32 for float16/bfloat16, float64 for float64); loss sums,
+cross-block and cross-chunk sums, per-pixel dot products and the FA p=2 Gram form in float64
+(float32 on MPS, which has no float64).
 
 Memory: exact FA (p=1, and p=2 when N < Cs + Ct) walks D in row blocks, D[I, J] for J >= I (D is
 symmetric), formed from A_S and A_T blocks computed separately (equal pixels give exact zeros);
