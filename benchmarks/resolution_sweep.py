@@ -1181,10 +1181,11 @@ def _portable_targets():
     for text, case in pairs:
         out.append(Target(f"{text}: native vs portable", "time", f"{case}_ffa", f"{case}_portable"))
         other = "reference" if case == "fa1_256" else "compiled"
+        label = "the reference" if case == "fa1_256" else "torch.compile(reference)"
         for metric in ("time", "memory"):
             out.append(
                 Target(
-                    f"{text}: portable vs {other} reference ({metric})",
+                    f"{text}: portable vs {label} ({metric})",
                     metric,
                     f"{case}_portable",
                     f"{case}_{other}",

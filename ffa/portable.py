@@ -2,11 +2,11 @@
 
 They have the native ops' exact signatures and contracts (schemas in csrc/ops.cpp): the dispatcher
 runs them for a device that has no native ffa kernel (they are the ops' CompositeExplicitAutograd
-kernels, ffa/_ops.py), and ``FFA_BACKEND=portable`` runs them on every device. Same definitions,
-argument checks and accumulation dtypes as the native kernels: unit pixels scale-safe in the
-compute dtype (float32 for float16/bfloat16, float64 for float64), loss sums, cross-block
-gradient sums, the FA p=2 Gram form and the unit pixels' backward in float64 (float32 on MPS,
-which has no float64).
+kernels, registered by ffa/_backend.py), and ``FFA_BACKEND=portable`` runs them on every device.
+Same definitions, argument checks and accumulation dtypes as the native kernels: unit pixels
+scale-safe in the compute dtype (float32 for float16/bfloat16, float64 for float64); loss sums,
+cross-block and cross-chunk sums, per-pixel dot products and the FA p=2 Gram form in float64
+(float32 on MPS, which has no float64).
 
 Memory: exact FA (p=1, and p=2 when N < Cs + Ct) walks D in row blocks, D[I, J] for J >= I (D is
 symmetric), formed from A_S and A_T blocks computed separately (equal pixels give exact zeros);
@@ -142,21 +142,23 @@ def unit_pixels(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _unit_pixels_and_backward(x: torch.Tensor, eps: float):
     """(U [B,C,N], backward): backward(dL/dU) is dL/dx [B,C,H,W] in x's dtype, contiguous.
 
-    u = x / (n + eps) gives dL/dx = g / (n + eps) - u (u . g) / n, the second term 0 for an
-    all-zero pixel (the norm's subgradient there is 0, as torch's); in the scaled quantities
-    n = m n' and n + eps = m d'. The two terms nearly cancel when g is almost radial (always for
-    one channel), so they are formed in float64, as the native kernels do.
+    u = x / (n + eps) gives dL/dx = g / (n + eps) - v (v . g) n / (n + eps)^2, v = x / n the
+    pixel's direction (0 for an all-zero pixel: the norm's subgradient there is 0, as torch's).
+    The two terms nearly cancel when g is almost radial (always for one channel), so the form
+    evaluated is the cancellation-free (g - v s) / (n + eps) + v s eps / (n + eps)^2 with
+    s = v . g summed in float64, in the scaled quantities n = m n', eps = m eps'.
     """
+    xs, norm, eps_m, m = _scaled_pixels(x, eps)
+    d = norm + eps_m
 
     def backward(grad_u: torch.Tensor) -> torch.Tensor:
-        xs, norm, eps_m, m = _scaled_pixels(x.to(_wide(x.device)), eps)
-        d = norm + eps_m
-        u, g = xs / d, grad_u.to(xs.dtype)
-        radial = u * (u * g).sum(dim=1, keepdim=True) / torch.where(norm > 0, norm, 1)
-        gx = (g / d - torch.where(norm > 0, radial, 0)) / m
+        g = grad_u.to(xs.dtype)
+        v = xs / torch.where(norm > 0, norm, 1)
+        s = (v * g).sum(dim=1, keepdim=True, dtype=_wide(x.device)).to(xs.dtype)
+        gx = ((g - v * s) / d + v * (s * eps_m / d.square())) / m
         return gx.reshape(x.shape).to(x.dtype).contiguous()
 
-    return unit_pixels(x, eps), backward
+    return xs / d, backward
 
 
 # ---- exact FA, row-blocked -----------------------------------------------------------------------
@@ -172,42 +174,45 @@ def _blocks(b: int, n: int, itemsize: int):
 
 
 def _d_block(us, ut, i0, i1):
-    """D[I, J] for rows I = i0:i1 and columns J = i0:N (A_S and A_T separately: equal pixels give
-    exactly 0)."""
-    return us[:, :, i0:i1].mT @ us[:, :, i0:] - ut[:, :, i0:i1].mT @ ut[:, :, i0:]
+    """D[I, J] for rows I = i0:i1 and columns J = i0:N (A_S and A_T by separate GEMMs: equal pixels
+    give exactly 0; a GEMM accumulating into A_S, beta = 1, rounds differently)."""
+    a = us[:, :, i0:i1].mT @ us[:, :, i0:]
+    return a.sub_(ut[:, :, i0:i1].mT @ ut[:, :, i0:])
 
 
 def _fa_tiled(us: torch.Tensor, ut: torch.Tensor, p: int) -> torch.Tensor:
-    """sum_ij f(D_ij) per sample (float64) over the upper triangle of row blocks, the diagonal
-    block once and the others twice."""
+    """sum_ij f(D_ij) per sample over the upper triangle of row blocks, the diagonal block once
+    and the others twice: rows summed in the compute dtype, then rows and blocks in float64."""
     b, _, n = us.shape
     wide = _wide(us.device)
     total = torch.zeros(b, dtype=wide, device=us.device)
     for bs, i0, i1 in _blocks(b, n, us.element_size()):
-        d = _d_block(us[bs], ut[bs], i0, i1)
-        f = d.abs() if p == 1 else d.square()
-        off = f[:, :, i1 - i0 :].sum(dim=(1, 2), dtype=wide)
-        total[bs] += f[:, :, : i1 - i0].sum(dim=(1, 2), dtype=wide) + 2 * off
+        f = _d_block(us[bs], ut[bs], i0, i1)
+        f = f.abs_() if p == 1 else f.square_()
+        diag = f[:, :, : i1 - i0].sum(dim=2).sum(dim=1, dtype=wide)
+        total[bs] += diag + 2 * f[:, :, i1 - i0 :].sum(dim=2).sum(dim=1, dtype=wide)
     return total
 
 
 def _fa_tiled_backward(us, ut, p, scale, want_s, want_t):
     """(dL/dU_S, dL/dU_T) = (2 U_S G, -2 U_T G), G = f'(D) * scale (symmetric), accumulated in
     float64 over the blocks of the upper triangle: block (I, J>I) adds U[:, J] G_IJ^T to the
-    columns I and U[:, I] G_IJ to the columns J. None where not wanted."""
+    columns I and U[:, I] G_IJ to the columns J. The factors 2 * scale (per sample) are applied
+    once at the end. None where not wanted."""
     b, _, n = us.shape
     acc = [
         torch.zeros(u.shape, dtype=_wide(u.device), device=u.device) if want else None
         for u, want in ((us, want_s), (ut, want_t))
     ]
     for bs, i0, i1 in _blocks(b, n, us.element_size()):
-        d = _d_block(us[bs], ut[bs], i0, i1)
-        g = (d.sign() if p == 1 else 2 * d) * scale[bs, None, None]
-        for u, sign, a in ((us[bs], 2.0, acc[0]), (ut[bs], -2.0, acc[1])):
+        g = _d_block(us[bs], ut[bs], i0, i1)
+        g = g.sign_() if p == 1 else g.mul_(2)
+        for u, a in ((us[bs], acc[0]), (ut[bs], acc[1])):
             if a is not None:
-                a[bs, :, i0:i1] += sign * (u[:, :, i0:] @ g.mT)
-                a[bs, :, i1:] += sign * (u[:, :, i0:i1] @ g[:, :, i1 - i0 :])
-    return acc
+                a[bs, :, i0:i1] += u[:, :, i0:] @ g.mT
+                a[bs, :, i1:] += u[:, :, i0:i1] @ g[:, :, i1 - i0 :]
+    factor = 2 * scale.to(acc[0].dtype if want_s else acc[1].dtype)[:, None, None]
+    return [None if a is None else a * (s * factor) for a, s in zip(acc, (1, -1), strict=True)]
 
 
 def _gram_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -260,7 +265,7 @@ def fa_loss_backward_kernel(grad, student, teacher, p, eps, output_mask, allow_t
     wide = _wide(us.device)
     scale = grad.to(wide) / (n * n)
     if p == 1 or _p2_takes_tiled_form(n, us.shape[1], ut.shape[1]):
-        gus, gut = _fa_tiled_backward(us, ut, p, scale.to(us.dtype), want_s, want_t)
+        gus, gut = _fa_tiled_backward(us, ut, p, scale, want_s, want_t)
     else:  # 4 U_S D and -4 U_T D, with U D from the channel Gram matrices (float64)
         us, ut = us.to(wide), ut.to(wide)
         c = 4 * scale[:, None, None]
@@ -280,8 +285,9 @@ def _pixel_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n <= chunk:
         return a @ b
     pad, wide = -n % chunk, _wide(a.device)
-    a = torch.nn.functional.pad(a, (0, pad)).unflatten(-1, (-1, chunk)).transpose(1, 2)
-    b = torch.nn.functional.pad(b, (0, 0, 0, pad)).unflatten(1, (-1, chunk))
+    if pad:
+        a, b = torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, 0, 0, pad))
+    a, b = a.unflatten(-1, (-1, chunk)).transpose(1, 2), b.unflatten(1, (-1, chunk))
     return (a @ b).sum(dim=1, dtype=wide).to(a.dtype)
 
 
