@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
 
-__all__ = ["registers_autograd", "no_jvp", "no_double_backward"]
+__all__ = ["registers_autograd", "no_jvp", "no_double_backward", "native_error_types"]
 
 _lib = torch.library.Library("ffa", "IMPL")
 
@@ -43,7 +43,7 @@ _TAGGED = re.compile(r"\[ffa:(ValueError|TypeError)\] (.*)", re.DOTALL)
 _ERROR_TYPES = {"ValueError": ValueError, "TypeError": TypeError}
 
 
-def _native_error_types(kernel):
+def native_error_types(kernel):
     """Re-raises the native kernels' tagged RuntimeErrors as ValueError / TypeError."""
 
     @functools.wraps(kernel)
@@ -123,7 +123,7 @@ def registers_autograd(op: str):
                     return apply(*args)
             return apply(*args)
 
-        _lib.impl(op, _native_error_types(autograd_kernel), "Autograd")
+        _lib.impl(op, native_error_types(autograd_kernel), "Autograd")
         return function
 
     return decorate

@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from ._autograd import native_error_types
+
 __all__ = ["PortablePathWarning", "backend", "register_portable"]
 
 _lib = torch.library.Library("ffa", "IMPL")
@@ -92,6 +94,7 @@ def register_portable(name: str, kernel) -> None:
         _warn_once(name, _device(args))
         return run(*args)
 
+    @native_error_types  # every call passes here, also in inference mode (no Autograd kernel)
     def router(keyset, *args):
         if backend() == "portable" and _device(args).type != "meta":
             return run(*args)

@@ -1136,3 +1136,27 @@ def test_isa_variants_agree(tmp_path):
         assert proc.wait() == 0, isa
         for a, b in zip(torch.load(tmp_path / f"{isa}.pt"), default, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=isa)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_op_level_errors_keep_their_type(mode):
+    """The native kernels can only raise RuntimeError across the stable ABI; ffa restores the
+    ValueError / TypeError of the check on every path, inference mode (no Autograd kernel) too."""
+    x = torch.randn(4, 4, requires_grad=mode == "grad")
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad}.get(mode, torch.inference_mode)
+    with context():
+        with pytest.raises(ValueError, match="alpha must have exactly one element"):
+            torch.ops.ffa.quant_relu(x, torch.ones(2), 4, "inplt", "mean", 0.01)
+        with pytest.raises(ValueError, match="quant_min must be less than quant_max"):
+            torch.ops.ffa.fake_quantize(x, torch.ones(1), torch.zeros(1), 5, 3, None, False, 1.0)
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            torch.ops.ffa.fake_quantize(
+                torch.ones(4, dtype=torch.int32),
+                torch.ones(1),
+                torch.zeros(1),
+                0,
+                3,
+                None,
+                False,
+                1.0,
+            )
