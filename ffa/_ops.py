@@ -5,6 +5,7 @@ The flow is one-way: ffa.functional -> torch.ops.ffa.* (dispatcher) -> CPU/CUDA 
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import warnings
 
@@ -55,10 +56,10 @@ def _load_cuda() -> bool:
     """Imports ffa._C_cuda (CUDA impls of _C's ops) when torch has CUDA and it was built."""
     if torch.version.cuda is None:
         return False
+    if importlib.util.find_spec(f"{__package__}._C_cuda") is None:
+        return False  # a build without CUDA kernels (FFA_CUDA=OFF, or no nvcc at build time)
     try:
         from . import _C_cuda  # noqa: F401  (runs STABLE_TORCH_LIBRARY_IMPL(ffa, CUDA, ...))
-    except ModuleNotFoundError:
-        return False  # a build without CUDA kernels (FFA_CUDA=OFF, or no nvcc at build time)
     except ImportError as e:  # e.g. built for another CUDA major version than this torch's
         warnings.warn(
             f"ffa's CUDA kernels (ffa._C_cuda) failed to load under torch {torch.__version__} "

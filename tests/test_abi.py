@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import ffa  # noqa: F401  (loads ffa._C, and ffa._C_cuda where torch has CUDA)
 
@@ -71,3 +73,14 @@ def test_older_torch_is_refused_by_name(tmp_path):
     assert proc.returncode != 0
     assert "ImportError: ffa needs torch >= 2.10" in proc.stderr, proc.stderr[-2000:]
     assert "found torch 2.9.1+cu128" in proc.stderr
+
+
+def test_build_without_cuda_kernels_loads_quietly(monkeypatch):
+    """A CPU-only build under a CUDA torch: no _C_cuda, no warning at import (CUDA tensors then take
+    the portable path, which says so once, with the reason)."""
+    if importlib.util.find_spec("ffa._C_cuda") is not None:
+        pytest.skip("this build has CUDA kernels")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ffa._ops._load_cuda() is False
