@@ -50,6 +50,23 @@ def _dist_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def rank_generator(cache: dict, device, seed: int, *, seed_per_rank: bool) -> torch.Generator:
+    """The FFA generator on ``device`` from ``cache`` (created and seeded on first use; with
+    ``seed_per_rank`` the DDP rank is mixed into the seed, so ranks draw independent probes)."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        index = torch.get_device_module(device.type).current_device()
+        device = torch.device(device.type, index)
+    gen = cache.get(device)
+    if gen is None:
+        if seed_per_rank:
+            seed = (seed + _dist_rank() * _RANK_STRIDE) % (1 << 63)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        cache[device] = gen
+    return gen
+
+
 class FAQDLoss(nn.Module):
     r"""The FAQD objective: KD on logits + feature affinity on features (+ labels when given).
 
@@ -153,19 +170,7 @@ class FAQDLoss(nn.Module):
     # ---- FFA randomness -------------------------------------------------------------------------
     def generator(self, device) -> torch.Generator:
         """This module's FFA generator on ``device`` (created and seeded on first use)."""
-        device = torch.device(device)
-        if device.type != "cpu" and device.index is None:
-            index = torch.get_device_module(device.type).current_device()
-            device = torch.device(device.type, index)
-        gen = self._generators.get(device)
-        if gen is None:
-            seed = self.seed
-            if self.seed_per_rank:
-                seed = (seed + _dist_rank() * _RANK_STRIDE) % (1 << 63)
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            self._generators[device] = gen
-        return gen
+        return rank_generator(self._generators, device, self.seed, seed_per_rank=self.seed_per_rank)
 
     # ---- parts ----------------------------------------------------------------------------------
     def _kd(self, student_logits, teacher_logits):

@@ -285,7 +285,7 @@ def test_faloss_seed_per_rank(monkeypatch):
     student, teacher = _io_dicts(requires_grad=False)
     values = {}
     for rank in (0, 1):
-        monkeypatch.setattr(core, "_dist_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(ffa.distill, "_dist_rank", lambda rank=rank: rank)
         values[rank] = FALoss(_pairs(), affinity="fast", seed=5)(student, teacher)
         values[rank, "shared"] = FALoss(_pairs(), affinity="fast", seed=5, seed_per_rank=False)(
             student, teacher

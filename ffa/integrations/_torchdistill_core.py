@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..distill import _RANK_STRIDE, _dist_rank
+from ..distill import rank_generator
 from ..functional import _check_options, fast_feature_affinity_loss, feature_affinity_loss
 
 __all__ = [
@@ -181,19 +181,7 @@ class FALoss(nn.Module):
 
     def generator(self, device) -> torch.Generator:
         """The FFA generator on ``device`` (created on first use; the DDP rank mixed in)."""
-        device = torch.device(device)
-        if device.type != "cpu" and device.index is None:
-            index = torch.get_device_module(device.type).current_device()
-            device = torch.device(device.type, index)
-        gen = self._generators.get(device)
-        if gen is None:
-            seed = self.seed
-            if self.seed_per_rank:
-                seed = (seed + _dist_rank() * _RANK_STRIDE) % (1 << 63)
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            self._generators[device] = gen
-        return gen
+        return rank_generator(self._generators, device, self.seed, seed_per_rank=self.seed_per_rank)
 
     def pair_losses(self, student_io_dict, teacher_io_dict) -> dict[str, torch.Tensor]:
         """The unweighted loss of each pair, by pair name."""
