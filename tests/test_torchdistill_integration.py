@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ffa
-from ffa.integrations import _torchdistill_core as core
 from ffa.integrations._torchdistill_core import (
     AffinityLoss,
     FAAdapters,
