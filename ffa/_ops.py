@@ -86,6 +86,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The portable kernels' accumulation dtype: float64, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _maybe_empty(like: torch.Tensor, wanted: bool) -> torch.Tensor:
     return (
         torch.empty_like(like, memory_format=torch.contiguous_format)

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ._ops import compute_dtype, ops
+from ._ops import wide_dtype as _wide
 
 __all__ = [
     "BLOCK_BYTES",
@@ -108,11 +109,6 @@ def _check_saved(y, p_s, p_t, b, n, k, cs, ct, dtype) -> None:
         if tuple(t.shape) != shape or t.dtype != dtype:
             dims = {"y": "[B,N,k]", "p_s": "[B,Cs,k]", "p_t": "[B,Ct,k]"}[name]
             raise RuntimeError(f"{name} must be {dims}")
-
-
-def _wide(device: torch.device) -> torch.dtype:
-    """The accumulation dtype: float64, except on MPS, which has none."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 # ---- unit pixels ---------------------------------------------------------------------------------

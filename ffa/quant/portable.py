@@ -45,6 +45,9 @@ import struct
 
 import torch
 
+from .._ops import wide_dtype as _wide
+from ._ops import check_device
+
 __all__ = [
     "quantize_weight",
     "quant_relu",
@@ -60,12 +63,7 @@ _RELU_ALPHA_GRAD = ("mean", "ae", "pact", "min")
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _has_f64(device: torch.device) -> bool:
-    return device.type != "mps"
-
-
-def _wide(device: torch.device) -> torch.dtype:
-    """The accumulation dtype: float64, or float32 on devices without it."""
-    return torch.float64 if _has_f64(device) else torch.float32
+    return _wide(device) == torch.float64
 
 
 def _compute(x: torch.Tensor) -> torch.Tensor:
@@ -157,13 +155,6 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of 1, 2, ..., 8, got {bits}")
 
 
-def _check_qparam_device(t: torch.Tensor, name: str, x: torch.Tensor, cpu_scalar_ok: bool) -> None:
-    if t.device == x.device or (cpu_scalar_ok and t.device.type == "cpu" and t.numel() == 1):
-        return
-    alt = " or be a one-element CPU tensor" if cpu_scalar_ok else ""
-    raise ValueError(f"{name} must be on x's device ({x.device}){alt}, got {t.device}")
-
-
 def _check_grad_like_x(grad: torch.Tensor, x: torch.Tensor) -> None:
     if grad.shape != x.shape:
         raise ValueError(f"grad must have x's shape {list(x.shape)}, got {list(grad.shape)}")
@@ -241,7 +232,7 @@ def _check_relu_args(x, alpha, bits, ste, alpha_grad) -> None:
     _check_floating(alpha, "alpha")
     if alpha.numel() != 1:
         raise ValueError(f"alpha must have exactly one element, got shape {list(alpha.shape)}")
-    _check_qparam_device(alpha, "alpha", x, True)
+    check_device(alpha, "alpha", x, cpu_scalar_ok=True)
     _check_bits(bits)
     if ste not in _RELU_STE:
         raise ValueError(f"ste must be 'inplt', 'idnty' or 'relu', got '{ste}'")
@@ -334,8 +325,8 @@ class _Fq:
         _check_floating(x, "x")
         _check_floating(scale, "scale")
         per_channel = axis is not None
-        _check_qparam_device(scale, "scale", x, not per_channel)
-        _check_qparam_device(zero_point, "zero_point", x, not per_channel)
+        check_device(scale, "scale", x, cpu_scalar_ok=not per_channel)
+        check_device(zero_point, "zero_point", x, cpu_scalar_ok=not per_channel)
         if not qmin < qmax:
             raise ValueError(
                 f"quant_min must be less than quant_max, got quant_min={qmin} and quant_max={qmax}"
