@@ -67,6 +67,22 @@ def rank_generator(cache: dict, device, seed: int, *, seed_per_rank: bool) -> to
     return gen
 
 
+def affinity_loss(cfg, fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """The FA loss of one feature pair as ``cfg`` configures it: its ``affinity`` ("exact" or
+    "fast"), ``p``, ``k``, ``reduction``, ``eps``, and ``generator(device)`` for FFA's probes."""
+    if cfg.affinity == "exact":
+        return feature_affinity_loss(fs, ft, p=cfg.p, reduction=cfg.reduction, eps=cfg.eps)
+    return fast_feature_affinity_loss(
+        fs,
+        ft,
+        k=cfg.k,
+        p=cfg.p,
+        reduction=cfg.reduction,
+        eps=cfg.eps,
+        generator=cfg.generator(fs.device),
+    )
+
+
 class FAQDLoss(nn.Module):
     r"""The FAQD objective: KD on logits + feature affinity on features (+ labels when given).
 
@@ -207,21 +223,7 @@ class FAQDLoss(nn.Module):
         for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats, strict=True)):
             if self.adapters is not None:
                 fs = self.adapters[i](fs)
-            ft = ft.detach()
-            if self.affinity == "exact":
-                part = feature_affinity_loss(
-                    fs, ft, p=self.p, reduction=self.reduction, eps=self.eps
-                )
-            else:
-                part = fast_feature_affinity_loss(
-                    fs,
-                    ft,
-                    k=self.k,
-                    p=self.p,
-                    reduction=self.reduction,
-                    eps=self.eps,
-                    generator=self.generator(fs.device),
-                )
+            part = affinity_loss(self, fs, ft.detach())
             total = part if total is None else total + part
         return total
 

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..distill import rank_generator
-from ..functional import _check_options, fast_feature_affinity_loss, feature_affinity_loss
+from ..distill import affinity_loss, rank_generator
+from ..functional import _check_options
 
 __all__ = [
     "ADAPTER_PREFIX",
@@ -192,20 +192,7 @@ class FALoss(nn.Module):
             ft = _lookup("FALoss", teacher_io_dict, t_path, t_io, "teacher", where)
             if self.detach_teacher:
                 ft = ft.detach()
-            if self.affinity == "exact":
-                out[name] = feature_affinity_loss(
-                    fs, ft, p=self.p, reduction=self.reduction, eps=self.eps
-                )
-            else:
-                out[name] = fast_feature_affinity_loss(
-                    fs,
-                    ft,
-                    k=self.k,
-                    p=self.p,
-                    reduction=self.reduction,
-                    eps=self.eps,
-                    generator=self.generator(fs.device),
-                )
+            out[name] = affinity_loss(self, fs, ft)
         return out
 
     def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
