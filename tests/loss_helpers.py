@@ -7,6 +7,11 @@ input dtype, with a floor of a small relative tolerance.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -132,3 +137,18 @@ def check_close(actual, truth, *, dtype, eager=None, what="value", atol64=0.0):
         bound = max(bound, 2 * max_err(eager, t))
     bound += 1e-12
     assert err <= bound, f"{what}: max abs error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"
+
+
+def peak_rss_growth_mib(script: str, cwd, env: dict | None = None) -> float:
+    """Runs ``script`` (which prints its peak-RSS growth in MiB last) in a fresh process, whose peak
+    the rest of the test session cannot have raised already, from ``cwd`` (outside the repository,
+    whose unbuilt ffa/ would otherwise shadow the installed one), with ``env`` added."""
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+    return float(run.stdout.strip().splitlines()[-1])

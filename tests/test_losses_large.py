@@ -14,13 +14,10 @@ FFA never builds N x N, so ffa.reference.ffa_loss is its oracle directly.
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from loss_helpers import DEVICES, check_close, gen, randn
+from loss_helpers import DEVICES, check_close, gen, peak_rss_growth_mib, randn
 
 import ffa
 from ffa import reference
@@ -149,14 +146,7 @@ def test_fa_p2_few_pixels_many_channels_memory(tmp_path):
     matrices (512 MiB in float64 at Cs = Ct = 4096). Measured in a fresh process, whose peak RSS
     the rest of the test session cannot have raised already; it runs outside the repository, whose
     unbuilt ffa/ would otherwise shadow the installed one."""
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_FEW_PIXELS_MANY_CHANNELS)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    )
-    grew_mib = float(run.stdout.strip().splitlines()[-1])
+    grew_mib = peak_rss_growth_mib(_FEW_PIXELS_MANY_CHANNELS, tmp_path)
     assert grew_mib < 64, f"peak RSS grew by {grew_mib:.0f} MiB"
 
 

@@ -8,14 +8,11 @@ have (row blocks, the unit pixels' backward).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
-from loss_helpers import check_close, make_pair, randn
+from loss_helpers import check_close, make_pair, peak_rss_growth_mib, randn
 from torch._C import DispatchKey, DispatchKeySet
 
 import ffa
@@ -223,14 +220,6 @@ def test_memory_bound_at_128x128(tmp_path):
     """Exact FA p=1 fwd+bwd at 128x128, B=2, C=64 on the portable path: the reference needs
     8 GiB there; the blocks stay within 64 MiB, plus O(N C) buffers (float64 gradient sums).
     A fresh process outside the repository (its unbuilt ffa/ would shadow the installed one)."""
-    env = {"FFA_BACKEND": "portable", "OMP_NUM_THREADS": "2", "PATH": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_MEMORY)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-        env=env,
-    )
-    grew_mib = float(run.stdout.strip().splitlines()[-1])
+    env = {"FFA_BACKEND": "portable", "OMP_NUM_THREADS": "2"}
+    grew_mib = peak_rss_growth_mib(_MEMORY, tmp_path, env)
     assert grew_mib < 160, f"peak RSS grew by {grew_mib:.0f} MiB"
